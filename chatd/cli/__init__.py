@@ -1,0 +1,1 @@
+"""Command-line front ends: argument parsing, exit codes and human output only."""

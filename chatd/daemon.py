@@ -1,0 +1,392 @@
+"""Process management: run in the foreground, or start a classic double-forked daemon.
+
+Everything that can fail, or needs root, happens before python-daemon's
+``DaemonContext.open()``, in the process the person is watching: validate the
+config, take the pidfile lock, bind the socket, open the log file, resolve
+the user. Only then does it fork. The daemon reports back through a pipe
+("PID n", then "READY addr" or "ERROR text"), so ``chatd start`` returns when
+the room is really serving, or shows the daemon's own error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import grp
+import os
+import pwd
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import structlog
+
+from chatd import log as log_mod
+from chatd import pidfile as pidfile_mod
+from chatd import systemd
+from chatd.config import Settings
+from chatd.pidfile import PidFile, State
+from chatd.server import BindError, Server, bind_udp
+
+log = structlog.get_logger("chatd")
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class StartError(Exception):
+    """Start-up failed; the message is for the person who typed the command."""
+
+
+@dataclass
+class Prepared:
+    settings: Settings
+    config_path: str | None
+    pidfile: PidFile
+    sock: socket.socket
+    sink: log_mod.Sink
+    identity: tuple[int, int] | None  # (uid, gid) to become, when configured
+
+
+def default_log_file() -> str:
+    if os.geteuid() == 0:
+        return "/var/log/chatd/chatd.log"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "chatd", "chatd.log")
+
+
+def resolve_identity(settings: Settings) -> tuple[int, int] | None:
+    """The (uid, gid) of ``daemon.user``/``daemon.group``, or None to stay who we are."""
+    user, group = settings.daemon.user, settings.daemon.group
+    if user is None and group is None:
+        return None
+    try:
+        entry = pwd.getpwnam(user) if user is not None else pwd.getpwuid(os.getuid())
+    except KeyError:
+        raise StartError(f"daemon.user: no such user {user!r}") from None
+    gid = entry.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartError(f"daemon.group: no such group {group!r}") from None
+    if os.geteuid() != 0 and (entry.pw_uid, gid) != (os.getuid(), os.getgid()):
+        raise StartError("daemon.user and daemon.group need chatd to be started as root")
+    return entry.pw_uid, gid
+
+
+def drop_privileges(identity: tuple[int, int] | None) -> None:
+    if identity is None or os.geteuid() != 0:
+        return
+    uid, gid = identity
+    name = pwd.getpwuid(uid).pw_name
+    os.setgroups([])
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _make_runtime_dir(settings: Settings, identity: tuple[int, int] | None) -> None:
+    path = settings.runtime_dir
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        if identity is not None and os.geteuid() == 0:
+            os.chown(path, *identity)
+    except OSError as exc:
+        raise StartError(f"cannot create runtime_dir {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK) and identity is None:
+        raise StartError(f"runtime_dir {path} is not writable (set runtime_dir in the config)")
+
+
+def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> Prepared:
+    """Do every fallible step of start-up while errors can still reach the person."""
+    if daemonize and settings.log.file is None:
+        settings = replace(settings, log=replace(settings.log, file=default_log_file()))
+    identity = resolve_identity(settings)
+    _make_runtime_dir(settings, identity)
+    pidfile = PidFile(settings.pidfile)
+    try:
+        pidfile.acquire()
+    except pidfile_mod.AlreadyRunning as exc:
+        raise StartError(str(exc)) from None
+    except OSError as exc:
+        raise StartError(f"cannot lock pidfile {settings.pidfile}: {exc.strerror}") from None
+    try:
+        try:
+            sink = log_mod.configure(settings.log)
+        except OSError as exc:
+            raise StartError(f"cannot open log.file {settings.log.file}: {exc.strerror}") from None
+        if pidfile.stale_pid is not None:
+            log.warning("stale_pidfile_taken_over", pidfile=settings.pidfile,
+                        old_pid=pidfile.stale_pid)
+        sock = None if daemonize else systemd.activated_socket()
+        if sock is not None:
+            from chatd.server import tune_socket
+
+            tune_socket(sock, settings.listen)
+            log.info("socket_activation", fd=sock.fileno(), note="listen.* is ignored")
+        else:
+            try:
+                sock = bind_udp(settings.listen)
+            except BindError as exc:
+                raise StartError(str(exc)) from None
+    except BaseException:
+        pidfile.release()
+        raise
+    return Prepared(settings, config_path, pidfile, sock, sink, identity)
+
+
+def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int:
+    """The daemon proper, shared by ``run`` and ``start``."""
+    drop_privileges(prepared.identity)
+    prepared.pidfile.write(os.getpid())
+    server = Server(prepared.settings, prepared.sock, notifier=notifier,
+                    config_path=prepared.config_path)
+    server.install_signals()
+    try:
+        from chatd import control
+
+        control.attach(server)
+        if on_ready is not None:
+            server.on_ready.append(on_ready)
+        return server.serve()
+    finally:
+        prepared.pidfile.release()
+
+
+# -- chatd run ------------------------------------------------------------------
+
+
+def run_foreground(settings: Settings, config_path: str | None) -> int:
+    try:
+        prepared = prepare(settings, config_path, daemonize=False)
+    except StartError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
+    notifier = systemd.Notifier()
+    systemd.forget_environment()
+    return _serve(prepared, notifier)
+
+
+# -- chatd start ----------------------------------------------------------------
+
+
+def _become_subreaper() -> None:
+    """Orphans of our own forks come back to us, so we can reap them: no zombie anywhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def start(settings: Settings, config_path: str | None) -> int:
+    try:
+        prepared = prepare(settings, config_path, daemonize=True)
+    except StartError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
+    read_end, write_end = os.pipe()
+    _become_subreaper()
+    child = os.fork()
+    if child == 0:  # the intermediate; python-daemon forks twice more and exits here
+        os.close(read_end)
+        _daemon_child(prepared, write_end)
+        os._exit(1)  # not reached
+    os.close(write_end)
+    prepared.sock.close()
+    prepared.pidfile.fd and os.close(prepared.pidfile.fd)
+    return _await_daemon(prepared.settings, read_end, child)
+
+
+def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
+    import daemon as python_daemon
+
+    def report(line: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, (line + "\n").encode())
+
+    try:
+        context = python_daemon.DaemonContext(
+            detach_process=True,  # explicit: its auto-detection skips the fork under init
+            umask=prepared.settings.daemon.umask,
+            working_directory="/",
+            files_preserve=[prepared.sock.fileno(), prepared.pidfile.fileno(), ready_fd,
+                            *([prepared.sink.fileno()] if prepared.sink.fileno() else [])],
+            signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
+        )
+        context.open()
+    except Exception as exc:
+        report(f"ERROR cannot daemonize: {exc}")
+        os._exit(1)
+    # from here on: the daemon, an orphan in its own session
+    report(f"PID {os.getpid()}")
+    systemd.forget_environment()
+    code = 1
+    try:
+        def ready() -> None:
+            report(f"READY {socket_address(prepared.sock)}")
+            os.close(ready_fd)
+
+        code = _serve(prepared, systemd.Notifier(address=""), on_ready=ready)
+    except Exception as exc:
+        log.exception("daemon_failed")
+        report(f"ERROR {exc}")
+    finally:
+        os._exit(code)
+
+
+def socket_address(sock: socket.socket) -> str:
+    from chatd.server import format_addr
+
+    return format_addr(sock.getsockname())
+
+
+def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
+    """Wait for the daemon's word on the pipe, reaping the forks in between."""
+    deadline = time.monotonic() + settings.daemon.start_timeout
+    buffer = b""
+    daemon_pid: int | None = None
+    outcome: str | None = None
+    try:
+        while outcome is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ready, _, _ = select.select([read_end], [], [], min(remaining, 0.2))
+            _reap_children()
+            if not ready:
+                continue
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                outcome = outcome or "ERROR the daemon exited during start-up (see the log)"
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                if text.startswith("PID "):
+                    daemon_pid = int(text[4:])
+                else:
+                    outcome = text
+    finally:
+        os.close(read_end)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(intermediate, 0)
+    if outcome is not None and outcome.startswith("READY "):
+        _reap_children()
+        print(f"chatd started (pid {daemon_pid}, udp {outcome[6:]})")
+        return 0
+    if outcome is None:
+        limit = settings.daemon.start_timeout
+        outcome = f"ERROR the daemon did not become ready within {limit:g} s"
+        if daemon_pid is not None:
+            _kill_quietly(daemon_pid, signal.SIGKILL)
+    _wait_unlocked(settings.pidfile, 5.0)
+    _reap_children()
+    print(f"chatd: {outcome.removeprefix('ERROR ')}", file=sys.stderr)
+    return 1
+
+
+def _kill_quietly(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _wait_unlocked(path: str, timeout: float) -> bool:
+    """Bounded poll until nobody holds the pidfile lock."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pidfile_mod.probe(path).state is not State.RUNNING:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        _reap_children()
+        time.sleep(0.02)
+
+
+# -- chatd stop / status / reload -----------------------------------------------------
+
+
+def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
+    found = pidfile_mod.probe(settings.pidfile)
+    if found.state is State.UNKNOWN:
+        print(f"chatd: cannot tell whether chatd runs: {found.error}", file=sys.stderr)
+        return 1
+    if found.state is not State.RUNNING or found.pid is None:
+        print("chatd: not running")
+        return 0
+    _kill_quietly(found.pid, signal.SIGTERM)
+    if _wait_unlocked(settings.pidfile, timeout):
+        print(f"chatd stopped (pid {found.pid})")
+        return 0
+    if kill:
+        _kill_quietly(found.pid, signal.SIGKILL)
+        if _wait_unlocked(settings.pidfile, 5.0):
+            print(f"chatd killed (pid {found.pid}) after {timeout:g} s")
+            return 0
+    print(f"chatd: pid {found.pid} did not stop within {timeout:g} s"
+          + ("" if kill else "; use 'chatd stop --kill' to send SIGKILL"), file=sys.stderr)
+    return 1
+
+
+def process_uptime(pid: int) -> float | None:
+    """Seconds since ``pid`` started, from /proc (None where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            system_up = float(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return system_up - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    shown = [f"{n}{unit}" for n, unit in parts if n] or ["0s"]
+    return " ".join(shown[:2])
+
+
+def status(settings: Settings) -> int:
+    """LSB status codes: 0 running, 1 dead with a pidfile, 3 not running, 4 unknown."""
+    found = pidfile_mod.probe(settings.pidfile)
+    if found.state is State.UNKNOWN:
+        print(f"chatd: status unknown: {found.error}", file=sys.stderr)
+        return 4
+    if found.state is State.ABSENT:
+        print("chatd is not running")
+        return 3
+    if found.state is State.STALE:
+        print(f"chatd is dead, but its pidfile remains ({settings.pidfile}, pid {found.pid})")
+        return 1
+    uptime = process_uptime(found.pid) if found.pid else None
+    up = f", up {format_duration(uptime)}" if uptime is not None else ""
+    print(f"chatd is running (pid {found.pid}{up})")
+    return 0
+
+
+def reload(settings: Settings) -> int:
+    found = pidfile_mod.probe(settings.pidfile)
+    if found.state is not State.RUNNING or found.pid is None:
+        print("chatd: not running", file=sys.stderr)
+        return 3
+    _kill_quietly(found.pid, signal.SIGHUP)
+    print(f"chatd: reload requested (SIGHUP to pid {found.pid}); the log says how it went")
+    return 0

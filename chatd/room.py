@@ -1,0 +1,322 @@
+"""The room: sessions, names and rules, with no I/O.
+
+Every entry point turns its input into a list of :class:`Delivery` values
+(one payload, encoded once, and the addresses it goes to) and appends what
+happened to :attr:`Room.events`; the server does the sending and the logging.
+Time comes in as an argument (monotonic seconds), so tests drive the clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from chatd import protocol
+from chatd.config import RoomSettings
+from chatd.names import name_key, name_problem
+
+Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One datagram for one or many addresses."""
+
+    payload: bytes
+    addrs: Sequence[Addr]
+
+
+@dataclass(slots=True)
+class Session:
+    name: str
+    key: str
+    addr: Addr
+    joined_at: float  # monotonic seconds
+    last_seen: float  # monotonic seconds
+    keepalive: bool = False  # has sent P at least once: only then can it time out
+
+
+class RoomHooks(Protocol):
+    """What the room asks of its extensions (the plugin manager implements it)."""
+
+    def login(self, name: str, addr: Addr) -> str | None: ...  # a refusal text, or None
+
+    def joined(self, name: str) -> None: ...
+
+    def message(self, name: str, text: str) -> str | None: ...  # new text, or None to drop
+
+    def command(self, name: str, command: str, args: str) -> bool: ...  # True when handled
+
+    def said(self, name: str, text: str) -> None: ...  # a line went to the room
+
+    def left(self, name: str, reason: str) -> None: ...
+
+
+class NoHooks:
+    """A room with no extensions: every hook says "carry on"."""
+
+    def login(self, name: str, addr: Addr) -> str | None:
+        return None
+
+    def joined(self, name: str) -> None:
+        return None
+
+    def message(self, name: str, text: str) -> str | None:
+        return text
+
+    def command(self, name: str, command: str, args: str) -> bool:
+        return False
+
+    def said(self, name: str, text: str) -> None:
+        return None
+
+    def left(self, name: str, reason: str) -> None:
+        return None
+
+
+class TextTooLong(ValueError):
+    """An admin or plugin text that would not fit in one datagram."""
+
+
+@dataclass
+class Room:
+    settings: RoomSettings
+    hooks: RoomHooks = field(default_factory=NoHooks)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    drops: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._by_addr: dict[Addr, Session] = {}
+        self._by_key: dict[str, Session] = {}
+        self._out: list[Delivery] = []
+        self._templates = self.settings.templates
+
+    # -- entry points ------------------------------------------------------
+
+    def receive(self, addr: Addr, data: bytes, now: float) -> list[Delivery]:
+        """Everything one datagram from ``addr`` causes."""
+        session = self._by_addr.get(addr)
+        if len(data) > self.settings.max_datagram:
+            self._drop("too_large", addr)
+            if session is not None:
+                self._send_text(addr, "too_long", limit=self.settings.max_datagram)
+            return self._take()
+        try:
+            command = protocol.parse(data)
+        except protocol.ProtocolError as exc:
+            self._drop(exc.reason, addr)
+            return self._take()
+        if isinstance(command, protocol.Login):
+            self._login(addr, session, command.name, now)
+            return self._take()
+        if session is None:
+            self._drop("no_session", addr)
+            return self._take()
+        if name_key(command.name) != session.key:
+            self._drop("spoofed", addr, claimed=command.name, holder=session.name)
+            return self._take()
+        session.last_seen = now
+        if isinstance(command, protocol.Chat):
+            self._chat(session, command.text)
+        elif isinstance(command, protocol.Ping):
+            session.keepalive = True
+            self._out.append(Delivery(protocol.PONG, (addr,)))
+        else:
+            self._leave(session, "quit", "left")
+            self._out.append(Delivery(protocol.EXIT, (addr,)))
+        return self._take()
+
+    def expire(self, now: float) -> list[Delivery]:
+        """Drop sessions that promised keepalives and then fell silent."""
+        limit = self.settings.session_timeout
+        stale = [
+            s for s in self._by_addr.values() if s.keepalive and now - s.last_seen > limit
+        ]
+        for session in stale:
+            self._leave(session, "timeout", "timed_out")
+        return self._take()
+
+    def next_expiry(self) -> float | None:
+        """The monotonic time at which :meth:`expire` next has work, if ever."""
+        times = [s.last_seen for s in self._by_addr.values() if s.keepalive]
+        return min(times) + self.settings.session_timeout if times else None
+
+    def admin_say(self, text: str) -> list[Delivery]:
+        """The admin speaks to everyone; raises :class:`TextTooLong`."""
+        payload = self._render("admin", name=self.settings.admin_name, text=text)
+        self._check_fits(payload)
+        self._out.append(Delivery(payload, list(self._by_addr)))
+        self.events.append(("admin_said", {"users": len(self._by_addr)}))
+        return self._take()
+
+    def kick(self, name: str, reason: str) -> list[Delivery] | None:
+        """Remove a user with a reason; None when nobody has that name."""
+        return self._take() if self.queue_kick(name, reason) else None
+
+    def shutdown(self) -> list[Delivery]:
+        """Tell everyone the room is closing, then ``EXIT``; the room is empty afterwards."""
+        addrs = list(self._by_addr)
+        if addrs:
+            self._out.append(Delivery(self._notice("shutdown"), addrs))
+            self._out.append(Delivery(protocol.EXIT, addrs))
+        for session in list(self._by_addr.values()):
+            self._forget(session)
+            self.events.append(
+                ("user_left", {"name": session.name, "addr": session.addr, "reason": "shutdown"})
+            )
+        return self._take()
+
+    def reconfigure(self, settings: RoomSettings) -> None:
+        """New limits and templates; sessions stay."""
+        self.settings = settings
+        self._templates = settings.templates
+
+    # -- the API plugins use (through chatd.plugins) -------------------------
+
+    def sessions(self) -> list[Session]:
+        return list(self._by_addr.values())
+
+    def session(self, name: str) -> Session | None:
+        return self._by_key.get(name_key(name))
+
+    def send(self, name: str, text: str) -> bool:
+        """Queue ``text`` for one user; False when there is no such user."""
+        session = self.session(name)
+        if session is None:
+            return False
+        payload = text.encode()
+        self._check_fits(payload)
+        self._out.append(Delivery(payload, (session.addr,)))
+        return True
+
+    def broadcast(self, text: str, exclude: Iterable[str] = ()) -> None:
+        """Queue ``text`` for everyone but the names in ``exclude``."""
+        payload = text.encode()
+        self._check_fits(payload)
+        skip = {name_key(n) for n in exclude}
+        self._out.append(Delivery(payload, [s.addr for s in self._by_addr.values()
+                                            if s.key not in skip]))
+
+    def queue_kick(self, name: str, reason: str) -> bool:
+        """Remove a user, queueing what that says to whom; False when there is no such user."""
+        session = self._by_key.get(name_key(name))
+        if session is None:
+            return False
+        self._send_text(session.addr, "kicked", reason=reason)
+        self._out.append(Delivery(protocol.EXIT, (session.addr,)))
+        self._leave(session, "kicked", "kick_notice", reason=reason)
+        return True
+
+    def render(self, key: str, **fields: Any) -> str:
+        return self._templates[key].format(**fields)
+
+    def take_output(self) -> list[Delivery]:
+        """Deliveries queued outside an entry point (by plugins at startup, say)."""
+        return self._take()
+
+    def __len__(self) -> int:
+        return len(self._by_addr)
+
+    # -- the rules ---------------------------------------------------------
+
+    def _login(self, addr: Addr, session: Session | None, name: str, now: float) -> None:
+        key = name_key(name)
+        if session is not None:
+            if session.key == key:  # our OK was lost: say it again
+                session.last_seen = now
+                self._out.append(Delivery(protocol.OK, (addr,)))
+            else:
+                self._refuse(addr, name, "other_session", "other_session", name=session.name)
+            return
+        problem = name_problem(name, self.settings.max_name_length)
+        if problem is not None:
+            self._refuse(addr, name, "name_invalid", "name_invalid", name=name, reason=problem)
+            return
+        if key in self._by_key or key == self.settings.admin_key:
+            self._refuse(addr, name, "name_taken", "name_taken", name=name)
+            return
+        if len(self._by_addr) >= self.settings.max_users:
+            self._refuse(addr, name, "room_full", "room_full", max_users=self.settings.max_users)
+            return
+        refusal = self.hooks.login(name, addr)
+        if refusal is not None:
+            self._out.append(Delivery(self._fit(refusal.encode()), (addr,)))
+            self.events.append(("login_refused", {"name": name, "addr": addr,
+                                                  "reason": "plugin"}))
+            return
+        self._out.append(Delivery(protocol.OK, (addr,)))
+        if self._by_addr:
+            self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
+        new = Session(name=name, key=key, addr=addr, joined_at=now, last_seen=now)
+        self._by_addr[addr] = new
+        self._by_key[key] = new
+        self.events.append(("user_joined", {"name": name, "addr": addr}))
+        self.hooks.joined(name)
+
+    def _chat(self, session: Session, text: str) -> None:
+        if not text:
+            self.drops["empty_text"] += 1
+            return
+        if text.startswith("/") and text[1:2].isalpha():
+            command, _, args = text[1:].partition(" ")
+            if not self.hooks.command(session.name, command, args):
+                self._send_text(session.addr, "unknown_command", command=command)
+            return
+        rewritten = self.hooks.message(session.name, text)
+        if rewritten is None:
+            return
+        payload = self._render("chat", name=session.name, text=rewritten)
+        if len(payload) > self.settings.max_datagram:
+            self._send_text(session.addr, "too_long", limit=self.settings.max_datagram)
+            return
+        sender = session.addr
+        self._out.append(Delivery(payload, [a for a in self._by_addr if a != sender]))
+        self.events.append(("chat", {"name": session.name, "text": rewritten}))
+        self.hooks.said(session.name, rewritten)
+
+    def _leave(self, session: Session, reason: str, template: str, **fields: Any) -> None:
+        self._forget(session)
+        if self._by_addr:
+            payload = self._notice(template, name=session.name, **fields)
+            self._out.append(Delivery(payload, list(self._by_addr)))
+        self.events.append(("user_left", {"name": session.name, "addr": session.addr,
+                                          "reason": reason}))
+        self.hooks.left(session.name, reason)
+
+    def _forget(self, session: Session) -> None:
+        del self._by_addr[session.addr]
+        del self._by_key[session.key]
+
+    def _refuse(self, addr: Addr, wanted: str, reason: str, template: str, **fields: Any) -> None:
+        self._send_text(addr, template, **fields)
+        self.events.append(("login_refused", {"name": wanted, "addr": addr, "reason": reason}))
+
+    def _drop(self, reason: str, addr: Addr, **details: Any) -> None:
+        self.drops[reason] += 1
+        self.events.append(("datagram_dropped", {"reason": reason, "addr": addr, **details}))
+
+    def _send_text(self, addr: Addr, template: str, **fields: Any) -> None:
+        self._out.append(Delivery(self._notice(template, **fields), (addr,)))
+
+    def _render(self, template: str, **fields: Any) -> bytes:
+        return self._templates[template].format(**fields).encode()
+
+    def _notice(self, template: str, **fields: Any) -> bytes:
+        return self._fit(self._render(template, **fields))
+
+    def _fit(self, payload: bytes) -> bytes:
+        """Server texts (not people's lines) are shortened, at a character boundary, to fit."""
+        limit = self.settings.max_datagram
+        if len(payload) <= limit or payload in (protocol.OK, protocol.EXIT):
+            return payload
+        return payload[:limit].decode("utf-8", "ignore").encode()
+
+    def _check_fits(self, payload: bytes) -> None:
+        if len(payload) > self.settings.max_datagram:
+            raise TextTooLong(f"{len(payload)} bytes, at most {self.settings.max_datagram}")
+
+    def _take(self) -> list[Delivery]:
+        out, self._out = self._out, []
+        return out

@@ -1,0 +1,289 @@
+"""The event loop: one selectors loop over the UDP socket, signals and the admin channel.
+
+It is thin on purpose. The room decides, the loop applies: each datagram
+becomes deliveries (a payload encoded once, and its addresses) that the loop
+sends with ``sendto``. Signals arrive as bytes on a wakeup socket and are
+handled between datagrams, never inside a handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+
+from chatd import config as config_mod
+from chatd import log as log_mod
+from chatd.config import ListenSettings, Settings
+from chatd.room import Delivery, Room
+from chatd.systemd import Notifier
+
+log = structlog.get_logger("chatd")
+
+RECV_BUFFER = 65536
+#: Datagrams read per wakeup before the loop looks at its other inputs again.
+BATCH = 256
+TICK_SECONDS = 1.0
+
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
+class BindError(Exception):
+    """The UDP socket could not be set up; the message names the address."""
+
+
+def format_addr(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+def bind_udp(listen: ListenSettings) -> socket.socket:
+    """A bound, non-blocking UDP socket for ``listen``; raises :class:`BindError`."""
+    where = format_addr((listen.host, listen.port))
+    try:
+        infos = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_DGRAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind udp {where}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+    try:
+        if family == socket.AF_INET6:
+            # serve IPv4 too where the system allows dual-stack
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind udp {where}: {exc.strerror}") from None
+    tune_socket(sock, listen)
+    return sock
+
+
+def tune_socket(sock: socket.socket, listen: ListenSettings) -> None:
+    """Large buffers absorb bursts; as root the kernel's cap (rmem_max) may be exceeded."""
+    sock.setblocking(False)
+    for force, plain, size in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF,
+                                listen.rcvbuf),
+                               (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF,
+                                listen.sndbuf)):
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except PermissionError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+class Server:
+    """Serves one room on one UDP socket until told to stop."""
+
+    def __init__(self, settings: Settings, sock: socket.socket, *,
+                 notifier: Notifier | None = None, config_path: str | None = None):
+        self.settings = settings
+        self.sock = sock
+        self.config_path = config_path
+        self.notifier = notifier or Notifier(address="")
+        self.room = Room(settings.room)
+        self.started = time.time()
+        self.started_monotonic = time.monotonic()
+        self.counters: Counter[str] = Counter()
+        self.send_errors: Counter[str] = Counter()
+        self.selector = selectors.DefaultSelector()
+        self._stop_reason: str | None = None
+        self._drop_log = log_mod.BoundedRate()
+        self._next_tick = 0.0
+        self._next_watchdog = 0.0
+        self._signal_r, self._signal_w = socket.socketpair()
+        #: called on each SIGCHLD; the admin channel supervises its child here
+        self.on_child_exit: Callable[[], None] | None = None
+        #: called once a second from the loop
+        self.on_tick: list[Callable[[float], None]] = []
+        #: called once the room is serving (the readiness pipe of ``chatd start``)
+        self.on_ready: list[Callable[[], None]] = []
+
+    # -- set-up ---------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        for sock in (self._signal_r, self._signal_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
+        for signum in _HANDLED_SIGNALS:
+            signal.signal(signum, _note_signal)
+        self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signals)
+
+    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fileobj: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(fileobj)
+
+    @property
+    def address(self) -> str:
+        return format_addr(self.sock.getsockname())
+
+    # -- the loop -------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT (or :meth:`stop`); returns the exit status."""
+        self.selector.register(self.sock, selectors.EVENT_READ, self._on_datagrams)
+        host, port = self.sock.getsockname()[:2]
+        log.info("server_started", host=host, port=port, pid=os.getpid(),
+                 config=self.config_path)
+        self.notifier.ready(self.status_line())
+        for callback in self.on_ready:
+            callback()
+        while self._stop_reason is None:
+            now = time.monotonic()
+            if now >= self._next_tick:
+                self._tick(now)
+            timeout = max(0.0, self._next_tick - now)
+            for key, _ in self.selector.select(timeout):
+                key.data()
+                if self._stop_reason is not None:
+                    break
+        self._shutdown()
+        return 0
+
+    def stop(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    def _tick(self, now: float) -> None:
+        self._next_tick = now + TICK_SECONDS
+        self.deliver(self.room.expire(now))
+        self._log_room_events()
+        interval = self.notifier.watchdog_interval
+        if interval and now >= self._next_watchdog:
+            self._next_watchdog = now + interval
+            self.notifier.notify(WATCHDOG=1, STATUS=self.status_line())
+        for callback in self.on_tick:
+            callback(now)
+
+    def _on_datagrams(self) -> None:
+        recv, room, counters = self.sock.recvfrom, self.room, self.counters
+        for _ in range(BATCH):
+            try:
+                data, addr = recv(RECV_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
+                self.send_errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
+                continue
+            counters["datagrams_in"] += 1
+            try:
+                self.deliver(room.receive(addr, data, time.monotonic()))
+            except Exception:  # a datagram can never stop the server
+                counters["internal_errors"] += 1
+                log.exception("datagram_failed", addr=format_addr(addr))
+            if room.events:
+                self._log_room_events()
+
+    def deliver(self, deliveries: Iterable[Delivery]) -> None:
+        """Send each payload to each of its addresses; errors are counted, never raised."""
+        send = self.sock.sendto
+        sent = 0
+        for delivery in deliveries:
+            payload = delivery.payload
+            for addr in delivery.addrs:
+                try:
+                    send(payload, addr)
+                    sent += 1
+                except OSError as exc:
+                    self.send_errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
+        self.counters["datagrams_out"] += sent
+
+    # -- logging what the room did ----------------------------------------------
+
+    def _log_room_events(self) -> None:
+        events, self.room.events = self.room.events, []
+        for name, fields in events:
+            if "addr" in fields:
+                fields["addr"] = format_addr(fields["addr"])
+            if name == "chat":
+                self.counters["chat_lines"] += 1
+                log.debug(name, **fields)
+            elif name == "datagram_dropped":
+                if self._drop_log.allow():
+                    suppressed = self._drop_log.take_suppressed()
+                    if suppressed:
+                        fields["suppressed_since_last"] = suppressed
+                    log.warning(name, **fields)
+            else:
+                log.info(name, **fields)
+
+    # -- signals ----------------------------------------------------------------
+
+    def _on_signals(self) -> None:
+        try:
+            data = self._signal_r.recv(512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self.reload()
+            elif signum == signal.SIGCHLD and self.on_child_exit is not None:
+                self.on_child_exit()
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; on any error keep running as before and say why."""
+        self.notifier.reloading()
+        try:
+            ok, message = self._reload()
+        finally:
+            self.notifier.ready(self.status_line())
+        return ok, message
+
+    def _reload(self) -> tuple[bool, str]:
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            return False, str(exc)
+        for key in config_mod.restart_only_changes(self.settings, new):
+            log.warning("reload_needs_restart", key=key,
+                        kept=config_mod.as_flat_dict(self.settings)[key])
+        kept = {section: getattr(self.settings, section)
+                for section in ("listen", "daemon", "control")}
+        merged = Settings(**{**{f: getattr(new, f) for f in new.__dataclass_fields__},
+                             **kept, "runtime_dir": self.settings.runtime_dir})
+        try:
+            log_mod.configure(merged.log)
+        except OSError as exc:
+            log.error("reload_failed", error=f"log.file: {exc}")
+            return False, f"log.file: {exc}"
+        self.settings = merged
+        self.room.reconfigure(merged.room)
+        log.info("reloaded", config=self.config_path)
+        return True, "reloaded"
+
+    # -- status and stop ------------------------------------------------------
+
+    def status_line(self) -> str:
+        return f"serving {self.address}, {len(self.room)} users"
+
+    def _shutdown(self) -> None:
+        log.info("server_stopping", reason=self._stop_reason, users=len(self.room))
+        self.notifier.stopping()
+        self.deliver(self.room.shutdown())
+        self._log_room_events()
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    """The handler does nothing: the wakeup fd has already carried the signal to the loop."""

@@ -1,0 +1,84 @@
+"""The texts the room sends to people, per locale, and their checking.
+
+Texts start with ``\\n`` like the article's, because its client prints raw
+datagrams in the middle of its own prompt line. ``zh_CN`` reproduces the
+article's texts exactly (including its login refusal, which has no newline).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from typing import Final
+
+#: Every template, with the fields it may use.
+FIELDS: Final[Mapping[str, frozenset[str]]] = {
+    "joined": frozenset({"name"}),
+    "chat": frozenset({"name", "text"}),
+    "admin": frozenset({"name", "text"}),
+    "left": frozenset({"name"}),
+    "timed_out": frozenset({"name"}),
+    "name_taken": frozenset({"name"}),
+    "name_invalid": frozenset({"name", "reason"}),
+    "other_session": frozenset({"name"}),
+    "room_full": frozenset({"max_users"}),
+    "too_long": frozenset({"limit"}),
+    "unknown_command": frozenset({"command"}),
+    "kicked": frozenset({"reason"}),
+    "kick_notice": frozenset({"name", "reason"}),
+    "shutdown": frozenset(),
+}
+
+LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
+    "en": {
+        "joined": "\n{name} joined the room",
+        "chat": "\n{name} says: {text}",
+        "admin": "\n{name} says: {text}",
+        "left": "\n{name} left the room",
+        "timed_out": "\n{name} left the room (timed out)",
+        "name_taken": "\nthe name {name} is already taken",
+        "name_invalid": "\ninvalid name: {reason}",
+        "other_session": "\nthis address is already logged in as {name}",
+        "room_full": "\nthe room is full ({max_users} users), try again later",
+        "too_long": "\nline not sent: longer than {limit} bytes",
+        "unknown_command": "\nunknown command /{command} (try /help)",
+        "kicked": "\nyou were removed from the room: {reason}",
+        "kick_notice": "\n{name} was removed from the room: {reason}",
+        "shutdown": "\nthe server is shutting down",
+    },
+    "zh_CN": {
+        "joined": "\n欢迎 {name} 进入聊天室",
+        "chat": "\n{name} 说: {text}",
+        "admin": "\n{name} 说: {text}",
+        "left": "\n{name} 离开了聊天室",
+        "timed_out": "\n{name} 离开了聊天室 (超时)",
+        "name_taken": "该用户已存在",
+        "name_invalid": "\n用户名无效: {reason}",
+        "other_session": "\n该地址已作为 {name} 登录",
+        "room_full": "\n聊天室已满 ({max_users} 人), 请稍后再试",
+        "too_long": "\n消息未发送: 超过 {limit} 字节",
+        "unknown_command": "\n未知命令 /{command} (试试 /help)",
+        "kicked": "\n你已被移出聊天室: {reason}",
+        "kick_notice": "\n{name} 被移出聊天室: {reason}",
+        "shutdown": "\n服务器正在关闭",
+    },
+}
+
+ADMIN_NAMES: Final[Mapping[str, str]] = {"en": "admin", "zh_CN": "管理员"}
+
+
+def template_problem(key: str, text: str) -> str | None:
+    """Why ``text`` cannot serve as template ``key``, or None when it can."""
+    allowed = FIELDS.get(key)
+    if allowed is None:
+        return f"unknown template (known: {', '.join(sorted(FIELDS))})"
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    except ValueError as exc:
+        return f"bad format string: {exc}"
+    unknown = fields - allowed
+    if unknown:
+        names = ", ".join(sorted(f"{{{f}}}" for f in unknown))
+        usable = ", ".join(sorted(f"{{{f}}}" for f in allowed)) or "none"
+        return f"unknown field {names} (usable: {usable})"
+    return None

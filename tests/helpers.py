@@ -1,0 +1,240 @@
+"""Test helpers: real chatd processes on free ports, and UDP users that talk to them.
+
+Readiness is never guessed with sleeps: ``chatd run`` is started with a
+``NOTIFY_SOCKET`` (an abstract AF_UNIX datagram socket) and the helper waits
+for its ``READY=1``, exactly as systemd would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CHATD = [sys.executable, "-m", "chatd"]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Bounded poll: the predicate's first truthy value, or AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_config(directory: Path, overrides: dict | None = None, port: int | None = None) -> Path:
+    """A real YAML file for a test server: loopback, a free port, everything under ``directory``."""
+    settings = {
+        "listen": {"host": "127.0.0.1", "port": port or free_udp_port()},
+        "runtime_dir": str(directory / "run"),
+        "log": {"level": "debug", "format": "json", "file": str(directory / "chatd.log")},
+    }
+    settings = merge(settings, overrides or {})
+    path = directory / "chatd.yaml"
+    path.write_text(yaml.safe_dump(settings, allow_unicode=True))
+    return path
+
+
+class Notifications:
+    """An abstract-namespace AF_UNIX datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self):
+        self.name = f"@chatd-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.received: list[dict[str, str]] = []
+
+    def wait(self, key: str, value: str | None = None, timeout: float = 15.0) -> dict[str, str]:
+        """The first notification (past or future) carrying ``key`` (with ``value``)."""
+        for message in self.received:
+            if key in message and (value is None or message[key] == value):
+                self.received.remove(message)
+                return message
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {key} notification within {timeout} s")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            if key in message and (value is None or message[key] == value):
+                return message
+            self.received.append(message)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ChatdProcess:
+    """``chatd run`` in a subprocess, ready when it says READY=1."""
+
+    def __init__(self, directory: Path, overrides: dict | None = None,
+                 env: dict[str, str] | None = None, port: int | None = None):
+        self.directory = directory
+        self.config = write_config(directory, overrides, port)
+        data = yaml.safe_load(self.config.read_text())
+        self.port: int = data["listen"]["port"]
+        self.runtime_dir = Path(data["runtime_dir"])
+        self.log_path = Path(data["log"]["file"]) if data["log"].get("file") else None
+        self.notify = Notifications()
+        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.name, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def start(self, timeout: float = 15.0) -> ChatdProcess:
+        self.proc = subprocess.Popen(
+            [*CHATD, "run", "-c", str(self.config)], env=self.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            self.notify.wait("READY", "1", timeout=timeout)
+        except AssertionError:
+            self.stop()
+            out, err = self.proc.communicate(timeout=5)
+            raise AssertionError(f"chatd did not become ready: {err.decode()}") from None
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def reload(self) -> None:
+        self.signal(signal.SIGHUP)
+        self.notify.wait("RELOADING", "1")
+        self.notify.wait("READY", "1")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if needed; always reaps. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        self.notify.close()
+        return self.proc.returncode
+
+    def log_events(self) -> list[dict[str, Any]]:
+        import json
+
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
+
+class UdpUser:
+    """One chat participant: its own UDP socket, speaking the wire protocol."""
+
+    def __init__(self, server: tuple[str, int], name: str | None = None):
+        self.server = server
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return self.sock.getsockname()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendto(data.encode() if isinstance(data, str) else data, self.server)
+
+    def recv(self, timeout: float = 5.0) -> bytes:
+        self.sock.settimeout(timeout)
+        data, _ = self.sock.recvfrom(65536)
+        return data
+
+    def recv_text(self, timeout: float = 5.0) -> str:
+        return self.recv(timeout).decode()
+
+    def expect_nothing(self, timeout: float = 0.3) -> None:
+        """Used only to prove a negative, after a positive barrier elsewhere."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected datagram {data!r}")
+
+    def login(self, name: str | None = None) -> bytes:
+        if name is not None:
+            self.name = name
+        self.send(f"L {self.name}")
+        return self.recv()
+
+    def join(self, name: str) -> UdpUser:
+        answer = self.login(name)
+        assert answer == b"OK", answer
+        return self
+
+    def say(self, text: str) -> None:
+        self.send(f"C {self.name} {text}")
+
+    def ping(self) -> bytes:
+        """A round trip through the server: a barrier that proves earlier datagrams were handled."""
+        self.send(f"P {self.name}")
+        while True:
+            data = self.recv()
+            if data == b"PONG":
+                return data
+
+    def quit(self) -> bytes:
+        self.send(f"Q {self.name}")
+        return self.recv()
+
+    def drain(self, timeout: float = 0.05) -> list[bytes]:
+        out = []
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                out.append(self.sock.recv(65536))
+            except TimeoutError:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
