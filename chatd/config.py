@@ -280,6 +280,12 @@ def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Se
         if problem:
             raise where.error(f"room.templates.{key}", problem)
         templates[str(key)] = text
+    from chatd.plugins import PluginConfigError, check_settings
+
+    try:
+        check_settings(get("plugins"))
+    except PluginConfigError as exc:
+        raise where.error(exc.path, str(exc)) from None
     runtime_dir = os.path.abspath(get("runtime_dir") or default_runtime_dir())
     room = RoomSettings(
         locale=locale,

@@ -276,22 +276,22 @@ class Room:
         self.events.append(("chat", {"name": session.name, "text": rewritten}))
         self.hooks.said(session.name, rewritten)
 
-    def _leave(self, session: Session, reason: str, template: str, **fields: Any) -> None:
+    def _leave(self, session: Session, why: str, template: str, **fields: Any) -> None:
         self._forget(session)
         if self._by_addr:
             payload = self._notice(template, name=session.name, **fields)
             self._out.append(Delivery(payload, list(self._by_addr)))
         self.events.append(("user_left", {"name": session.name, "addr": session.addr,
-                                          "reason": reason}))
-        self.hooks.left(session.name, reason)
+                                          "reason": why}))
+        self.hooks.left(session.name, why)
 
     def _forget(self, session: Session) -> None:
         del self._by_addr[session.addr]
         del self._by_key[session.key]
 
-    def _refuse(self, addr: Addr, wanted: str, reason: str, template: str, **fields: Any) -> None:
+    def _refuse(self, addr: Addr, wanted: str, why: str, template: str, **fields: Any) -> None:
         self._send_text(addr, template, **fields)
-        self.events.append(("login_refused", {"name": wanted, "addr": addr, "reason": reason}))
+        self.events.append(("login_refused", {"name": wanted, "addr": addr, "reason": why}))
 
     def _drop(self, reason: str, addr: Addr, **details: Any) -> None:
         self.drops[reason] += 1

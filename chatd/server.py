@@ -24,6 +24,7 @@ import structlog
 from chatd import config as config_mod
 from chatd import log as log_mod
 from chatd.config import ListenSettings, Settings
+from chatd.plugins import PluginManager
 from chatd.room import Delivery, Room
 from chatd.systemd import Notifier
 
@@ -97,6 +98,8 @@ class Server:
         self.config_path = config_path
         self.notifier = notifier or Notifier(address="")
         self.room = Room(settings.room)
+        self.plugins = PluginManager(self.room, settings.plugins)
+        self.room.hooks = self.plugins
         self.started = time.time()
         self.started_monotonic = time.monotonic()
         self.counters: Counter[str] = Counter()
@@ -140,6 +143,8 @@ class Server:
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT (or :meth:`stop`); returns the exit status."""
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_datagrams)
+        self.plugins.startup()
+        self.deliver(self.room.take_output())
         host, port = self.sock.getsockname()[:2]
         log.info("server_started", host=host, port=port, pid=os.getpid(),
                  config=self.config_path)
@@ -268,6 +273,8 @@ class Server:
             return False, f"log.file: {exc}"
         self.settings = merged
         self.room.reconfigure(merged.room)
+        self.plugins.reconfigure(merged.plugins)
+        self.deliver(self.room.take_output())
         log.info("reloaded", config=self.config_path)
         return True, "reloaded"
 
@@ -279,6 +286,8 @@ class Server:
     def _shutdown(self) -> None:
         log.info("server_stopping", reason=self._stop_reason, users=len(self.room))
         self.notifier.stopping()
+        self.plugins.shutdown()
+        self.deliver(self.room.take_output())
         self.deliver(self.room.shutdown())
         self._log_room_events()
         signal.set_wakeup_fd(-1)

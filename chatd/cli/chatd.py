@@ -24,9 +24,49 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("run", parents=[common], help="serve in the foreground (systemd, debugging)")
+    sub.add_parser("start", parents=[common],
+                   help="start the background daemon; returns once it serves")
+    stop = sub.add_parser("stop", parents=[common], help="stop the daemon (SIGTERM) and wait")
+    restart = sub.add_parser("restart", parents=[common], help="stop, then start")
+    for p in (stop, restart):
+        p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                       help="seconds to wait for the daemon to exit (default 10)")
+        p.add_argument("--kill", action="store_true",
+                       help="send SIGKILL if it has not exited by then")
+    sub.add_parser("status", parents=[common],
+                   help="is it running? (LSB exit codes: 0 running, 1 dead, 3 stopped, 4 unknown)")
+    sub.add_parser("reload", parents=[common], help="re-read the configuration file")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and print the effective settings")
     return parser
+
+
+class _Dumper(yaml.SafeDumper):
+    """Readable output: texts with newlines double-quoted, modes in octal."""
+
+
+class _Octal(int):
+    pass
+
+
+_Dumper.add_representer(_Octal, lambda d, v: d.represent_scalar(
+    "tag:yaml.org,2002:int", f"0{v:03o}"))
+_Dumper.add_representer(str, lambda d, v: d.represent_scalar(
+    "tag:yaml.org,2002:str", v, style='"' if "\n" in v else None))
+
+
+def effective_yaml(settings: config_mod.Settings) -> str:
+    """The settings as a YAML file that ``-c`` would accept, every key spelled out."""
+    nested: dict = {}
+    for key, value in config_mod.as_flat_dict(settings).items():
+        if key in ("daemon.umask", "control.mode"):
+            value = _Octal(value)
+        section, _, name = key.partition(".")
+        if name:
+            nested.setdefault(section, {})[name] = value
+        else:
+            nested[section] = value
+    return yaml.dump(nested, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +78,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "check-config":
-        print(f"# {path or 'built-in defaults'}: OK")
-        print(yaml.safe_dump(config_mod.as_flat_dict(settings), allow_unicode=True,
-                             sort_keys=False), end="")
+        print(f"# {path or 'built-in defaults'}: OK; the effective configuration:")
+        print(effective_yaml(settings), end="")
         return 0
     from chatd import daemon
 
-    return daemon.run_foreground(settings, path)
+    if args.command == "run":
+        return daemon.run_foreground(settings, path)
+    if args.command == "start":
+        return daemon.start(settings, path)
+    if args.command == "stop":
+        return daemon.stop(settings, args.timeout, args.kill)
+    if args.command == "restart":
+        stopped = daemon.stop(settings, args.timeout, args.kill)
+        return stopped if stopped != 0 else daemon.start(settings, path)
+    if args.command == "status":
+        return daemon.status(settings)
+    return daemon.reload(settings)
 
 
 if __name__ == "__main__":

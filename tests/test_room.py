@@ -1,0 +1,197 @@
+"""The room's rules, with plain values: no sockets, the clock is an argument."""
+
+import pytest
+
+from chatd import config
+from chatd.room import Delivery, Room, TextTooLong
+
+A, B, C = ("10.0.0.1", 1001), ("10.0.0.2", 1002), ("10.0.0.3", 1003)
+
+
+def make_room(**room) -> Room:
+    return Room(config.from_mapping({"room": room}).room)
+
+
+def flat(deliveries: list[Delivery]) -> list[tuple[tuple, bytes]]:
+    return [(addr, d.payload) for d in deliveries for addr in d.addrs]
+
+
+def joined(room: Room, *pairs) -> Room:
+    for addr, name in pairs:
+        assert flat(room.receive(addr, f"L {name}".encode(), 0.0))[0] == (addr, b"OK")
+    return room
+
+
+def test_login_ok_then_others_hear_of_it():
+    room = make_room()
+    assert flat(room.receive(A, b"L alice", 0)) == [(A, b"OK")]
+    assert flat(room.receive(B, b"L bob", 0)) == [(B, b"OK"), (A, b"\nbob joined the room")]
+    assert [s.name for s in room.sessions()] == ["alice", "bob"]
+    assert ("user_joined", {"name": "bob", "addr": B}) in room.events
+
+
+def test_repeated_login_same_name_same_address_is_ok_again():
+    room = joined(make_room(), (A, "alice"))
+    assert flat(room.receive(A, b"L Alice", 1)) == [(A, b"OK")]
+    assert len(room) == 1
+
+
+def test_other_name_from_logged_in_address_is_refused():
+    room = joined(make_room(), (A, "alice"))
+    assert flat(room.receive(A, b"L bob", 1)) == [
+        (A, b"\nthis address is already logged in as alice")]
+    assert room.session("bob") is None
+
+
+@pytest.mark.parametrize("name", ["alice", "Alice", "ALICE", "Ａｌｉｃｅ"])
+def test_duplicate_names_refused(name):
+    room = joined(make_room(), (A, "alice"))
+    assert flat(room.receive(B, f"L {name}".encode(), 0)) == [
+        (B, f"\nthe name {name} is already taken".encode())]
+
+
+def test_admin_name_is_reserved():
+    room = make_room()
+    assert flat(room.receive(A, b"L Admin", 0)) == [(A, b"\nthe name Admin is already taken")]
+
+
+def test_invalid_name_says_why():
+    room = make_room(max_name_length=5)
+    assert flat(room.receive(A, b"L abcdef", 0)) == [
+        (A, b"\ninvalid name: longer than 5 characters")]
+
+
+def test_room_full():
+    room = joined(make_room(max_users=2), (A, "alice"), (B, "bob"))
+    assert flat(room.receive(C, b"L carol", 0)) == [
+        (C, b"\nthe room is full (2 users), try again later")]
+
+
+def test_chat_goes_to_everyone_but_the_sender_encoded_once():
+    room = joined(make_room(), (A, "alice"), (B, "bob"), (C, "carol"))
+    out = room.receive(A, b"C alice hi  there", 1)
+    assert len(out) == 1
+    assert out[0].payload == b"\nalice says: hi  there"
+    assert sorted(out[0].addrs) == [B, C]
+
+
+def test_chat_uses_the_session_name_not_the_datagram_spelling():
+    room = joined(make_room(), (A, "Alice"), (B, "bob"))
+    assert flat(room.receive(A, b"C ALICE hi", 1)) == [(B, b"\nAlice says: hi")]
+
+
+def test_spoofed_commands_are_dropped_and_change_nothing():
+    room = joined(make_room(), (A, "alice"), (B, "bob"))
+    assert room.receive(C, b"C alice i am alice", 1) == []
+    assert room.receive(B, b"C alice i am alice", 1) == []
+    assert room.receive(B, b"Q alice", 1) == []
+    assert room.receive(C, b"Q alice", 1) == []
+    assert room.receive(B, b"P alice", 1) == []
+    assert {s.name for s in room.sessions()} == {"alice", "bob"}
+    assert room.drops["spoofed"] == 3 and room.drops["no_session"] == 2
+
+
+def test_udp_admin_datagram_is_not_broadcast():
+    room = joined(make_room(), (A, "alice"))
+    assert room.receive(C, b"C admin hello all", 1) == []
+
+
+def test_quit_sends_exit_and_tells_the_others():
+    room = joined(make_room(), (A, "alice"), (B, "bob"))
+    assert flat(room.receive(B, b"Q bob", 1)) == [(A, b"\nbob left the room"), (B, b"EXIT")]
+    assert room.session("bob") is None
+
+
+def test_ping_answers_pong():
+    room = joined(make_room(), (A, "alice"))
+    assert flat(room.receive(A, b"P alice", 1)) == [(A, b"PONG")]
+    assert room.receive(B, b"P nobody", 1) == []
+
+
+def test_only_sessions_that_pinged_time_out():
+    room = joined(make_room(session_timeout=10), (A, "alice"), (B, "bob"), (C, "carol"))
+    room.receive(A, b"P alice", 5)
+    room.receive(C, b"P carol", 5)
+    room.receive(C, b"C carol still here", 14)
+    assert room.next_expiry() == 15
+    out = flat(room.expire(15.5))
+    assert (B, b"\nalice left the room (timed out)") in out
+    assert room.session("alice") is None
+    assert room.session("bob") is not None  # never pinged: never expires
+    assert room.session("carol") is not None  # spoke at 14
+    assert room.expire(1000) and room.session("carol") is None
+    assert room.session("bob") is not None
+
+
+def test_too_long_line_refused_whole_and_fits_otherwise():
+    room = joined(make_room(), (A, "alice"), (B, "bob"))
+    overhead = len(b"\nalice says: ")
+    fits = "é" * ((1024 - overhead) // 2)
+    assert flat(room.receive(A, f"C alice {fits}".encode(), 1))[0][1].endswith(fits.encode())
+    too_long = fits + "é"
+    assert flat(room.receive(A, f"C alice {too_long}".encode(), 1)) == [
+        (A, b"\nline not sent: longer than 1024 bytes")]
+
+
+def test_oversized_datagram_dropped_with_error_line():
+    room = joined(make_room(), (A, "alice"))
+    assert flat(room.receive(A, b"C alice " + b"x" * 65000, 1)) == [
+        (A, b"\nline not sent: longer than 1024 bytes")]
+    assert room.receive(B, b"x" * 65000, 1) == []
+    assert room.drops["too_large"] == 2
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff", b"Z", b"L", b"C", b"Q ", b"\x00" * 10])
+def test_junk_never_raises(data):
+    room = joined(make_room(), (A, "alice"))
+    room.receive(A, data, 1)
+    room.receive(B, data, 1)
+    assert len(room) == 1
+
+
+def test_zh_cn_reproduces_the_article():
+    room = joined(make_room(locale="zh_CN"), (A, "小明"))
+    assert flat(room.receive(B, "L 小红".encode(), 0))[1] == (A, "\n欢迎 小红 进入聊天室".encode())
+    assert flat(room.receive(A, "C 小明 你好".encode(), 0)) == [(B, "\n小明 说: 你好".encode())]
+    assert flat(room.receive(C, "L 小明".encode(), 0)) == [(C, "该用户已存在".encode())]
+    assert flat(room.receive(C, "L 管理员".encode(), 0)) == [(C, "该用户已存在".encode())]
+    assert flat(room.admin_say("开会了")) == [(A, "\n管理员 说: 开会了".encode()),
+                                             (B, "\n管理员 说: 开会了".encode())]
+    assert flat(room.receive(B, "Q 小红".encode(), 0)) == [(A, "\n小红 离开了聊天室".encode()),
+                                                          (B, b"EXIT")]
+
+
+def test_admin_say_and_kick():
+    room = joined(make_room(), (A, "alice"), (B, "bob"))
+    assert flat(room.admin_say("hello")) == [(A, b"\nadmin says: hello"),
+                                            (B, b"\nadmin says: hello")]
+    with pytest.raises(TextTooLong):
+        room.admin_say("x" * 2000)
+    assert room.kick("nobody", "x") is None
+    assert flat(room.kick("BOB", "spam")) == [
+        (B, b"\nyou were removed from the room: spam"), (B, b"EXIT"),
+        (A, b"\nbob was removed from the room: spam")]
+    assert room.session("bob") is None
+
+
+def test_shutdown_notice_then_exit_to_everyone():
+    room = joined(make_room(), (A, "alice"), (B, "bob"))
+    out = room.shutdown()
+    assert [d.payload for d in out] == [b"\nthe server is shutting down", b"EXIT"]
+    assert all(sorted(d.addrs) == [A, B] for d in out)
+    assert len(room) == 0
+
+
+def test_reconfigure_keeps_sessions_and_changes_templates():
+    room = joined(make_room(), (A, "alice"), (B, "bob"))
+    new = config.from_mapping({"room": {"templates": {"chat": "<{name}> {text}"}}}).room
+    room.reconfigure(new)
+    assert flat(room.receive(A, b"C alice hi", 1)) == [(B, b"<alice> hi")]
+
+
+def test_notices_are_cut_at_a_character_boundary_not_mid_character():
+    long_template = "\n" + "é" * 600 + " {name} joined"
+    room = joined(make_room(templates={"joined": long_template}), (A, "alice"))
+    payload = flat(room.receive(B, b"L bob", 0))[1][1]
+    assert len(payload) <= 1024
+    payload.decode("utf-8")  # would raise if cut mid-character
