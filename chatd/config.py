@@ -348,6 +348,33 @@ def load(path: str | None) -> Settings:
     return parse(text, source=path)
 
 
+def locate(path: str | None) -> tuple[str, str]:
+    """(runtime_dir, control socket) of the daemon that ``path`` configures.
+
+    Lenient on purpose: ``chatctl reload`` and ``chatd reload`` must reach the
+    daemon to hear what is wrong with a file that no longer validates.
+    """
+    try:
+        settings = load(path)
+        return settings.runtime_dir, settings.control.socket
+    except ConfigError:
+        if path is None:
+            raise
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{path}: cannot find the runtime_dir in this file") from None
+    raw = raw if isinstance(raw, dict) else {}
+    control = raw.get("control") if isinstance(raw.get("control"), dict) else {}
+    runtime_dir = raw.get("runtime_dir")
+    runtime_dir = os.path.abspath(runtime_dir if isinstance(runtime_dir, str)
+                                  else default_runtime_dir())
+    socket = control.get("socket")
+    if not isinstance(socket, str):
+        socket = os.path.join(runtime_dir, "control.sock")
+    return runtime_dir, socket
+
+
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     """Key paths whose change needs a restart, to be logged and ignored on reload."""
     flat_old, flat_new = as_flat_dict(old), as_flat_dict(new)

@@ -1,7 +1,455 @@
-"""The admin control channel (filled in with the admin child)."""
+"""The control channel: the admin child's side, and the client side used by ``chatctl``.
+
+The admin child is forked by the daemon and owns everything a local admin
+can reach: the Unix socket (``control.sock``), the FIFO, and a terminal on
+stdin under ``chatd run``. It checks who is connecting, bounds every request
+(size, time, number at once) and relays requests to the daemon as JSON lines
+over a socketpair. A slow or hostile peer costs the child, never the room.
+
+Wire format, both on the control socket and the socketpair: one JSON object
+per line. Request ``{"cmd": "say", "args": {"text": "hi"}}``; answer
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
+On the socketpair the child adds an ``"id"`` that the daemon echoes back.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import grp
+import json
+import os
+import pwd
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-def attach(server) -> None:
-    return None
+import structlog
+
+from chatd.config import ControlSettings
+
+log = structlog.get_logger("chatd")
+
+MAX_REQUEST = 64 * 1024
+CONNECTION_TIMEOUT = 5.0
+MAX_CONNECTIONS = 32
+#: verbs a FIFO line or a terminal line may use, and how the rest of the line maps to args
+LINE_VERBS = {"say": ("text",), "kick": ("name", "reason"), "reload": ()}
+
+
+class ControlError(Exception):
+    """The control socket could not be reached; the message names it."""
+
+
+# -- the client side ------------------------------------------------------------
+
+
+def request(path: str, cmd: str, args: dict[str, Any] | None = None,
+            timeout: float = 10.0) -> dict[str, Any]:
+    """One request, one answer. Raises :class:`ControlError` when nobody answers at ``path``."""
+    payload = json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ControlError(f"cannot reach the control socket {path}: {exc.strerror}") from None
+        try:
+            sock.sendall(payload)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise ControlError(f"no answer on the control socket {path} within {timeout:g} s"
+                               ) from None
+        except OSError as exc:
+            raise ControlError(f"control socket {path}: {exc.strerror}") from None
+    finally:
+        sock.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise ControlError(f"control socket {path} gave no valid answer") from None
+    if not isinstance(answer, dict) or "ok" not in answer:
+        raise ControlError(f"control socket {path} gave no valid answer")
+    return answer
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """A FIFO or terminal line (``say hello``, ``kick bob spam``) as a request; None if empty."""
+    line = line.strip()
+    if not line:
+        return None
+    verb, _, rest = line.partition(" ")
+    names = LINE_VERBS.get(verb)
+    if names is None:
+        return {"cmd": verb, "args": {}}
+    values = rest.split(" ", len(names) - 1) if names and rest else []
+    return {"cmd": verb, "args": dict(zip(names, values, strict=False))}
+
+
+# -- peer checks --------------------------------------------------------------------
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", data)
+
+
+def group_members(group: str | None) -> tuple[int | None, frozenset[str]]:
+    if group is None:
+        return None, frozenset()
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        raise OSError(errno.EINVAL, f"control.group: no such group {group!r}") from None
+    return entry.gr_gid, frozenset(entry.gr_mem)
+
+
+def peer_allowed(uid: int, gid: int, daemon_uid: int, group_gid: int | None,
+                 members: frozenset[str]) -> bool:
+    """Root, the daemon's own user, and members of ``control.group``."""
+    if uid in (0, daemon_uid):
+        return True
+    if group_gid is None:
+        return False
+    if gid == group_gid:
+        return True
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return name in members or pwd.getpwnam(name).pw_gid == group_gid
+
+
+# -- creating the socket and the FIFO safely ------------------------------------------
+
+
+def _socket_is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _chgrp(path: str, gid: int | None) -> None:
+    if gid is not None:
+        os.chown(path, -1, gid)
+
+
+def create_socket(settings: ControlSettings, gid: int | None) -> socket.socket:
+    """Bind the control socket: never stealing a live one, never world-writable for an instant."""
+    path = settings.socket
+    try:
+        return _bind_control_socket(path, settings.mode, gid)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create control socket {path}: "
+                      f"{exc.strerror or exc}") from None
+
+
+def _bind_control_socket(path: str, mode: int, gid: int | None) -> socket.socket:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        if _socket_is_live(path):
+            raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    _chgrp(path, gid)
+    os.chmod(path, mode)
+    sock.listen(MAX_CONNECTIONS)
+    sock.setblocking(False)
+    return sock
+
+
+def create_fifo(settings: ControlSettings, gid: int | None) -> int:
+    """The FIFO, opened read-write so that it never reports end-of-file between writers."""
+    path = settings.fifo
+    try:
+        return _open_fifo(path, gid)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create control FIFO {path}: "
+                      f"{exc.strerror or exc}") from None
+
+
+def _open_fifo(path: str, gid: int | None) -> int:
+    if os.path.lexists(path) and not stat.S_ISFIFO(os.lstat(path).st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a FIFO")
+    if not os.path.lexists(path):
+        old = os.umask(0o177)
+        try:
+            os.mkfifo(path, 0o600)
+        finally:
+            os.umask(old)
+    _chgrp(path, gid)
+    os.chmod(path, 0o620)
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def remove_files(settings: ControlSettings) -> None:
+    for path in (settings.socket, settings.fifo):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+# -- the admin child ------------------------------------------------------------------
+
+
+@dataclass
+class _Peer:
+    sock: socket.socket
+    deadline: float
+    inbox: bytes = b""
+    outbox: bytes = b""
+    waiting: bool = False  # a request is with the daemon
+    closing: bool = False
+
+
+@dataclass
+class AdminChild:
+    """The loop of the forked admin child."""
+
+    settings: ControlSettings
+    channel: socket.socket  # to the daemon
+    daemon_uid: int
+    read_terminal: bool = False
+    peers: dict[int, _Peer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.group_gid, self.members = group_members(self.settings.group)
+        self.listener = create_socket(self.settings, self.group_gid)
+        try:
+            self.fifo = create_fifo(self.settings, self.group_gid)
+        except OSError:
+            self.listener.close()
+            os.unlink(self.settings.socket)  # ours: we just bound it
+            raise
+        self._fifo_buffer = b""
+        self._terminal_buffer = b""
+        self._channel_buffer = b""
+        self._next_id = 0
+        self._pending: dict[int, int | None] = {}  # request id -> peer fd (None: no reply)
+
+    def serve(self) -> None:
+        self.channel.setblocking(True)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(self.fifo, selectors.EVENT_READ, self._read_fifo)
+        self.selector.register(self.channel, selectors.EVENT_READ, self._from_daemon)
+        if self.read_terminal:
+            self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, self._read_terminal)
+        self._send_daemon({"event": "ready", "pid": os.getpid(), "socket": self.settings.socket})
+        log.info("admin_child_serving", socket=self.settings.socket, fifo=self.settings.fifo)
+        while True:
+            for key, mask in self.selector.select(timeout=1.0):
+                key.data(key, mask)
+            self._expire_peers()
+
+    # -- the daemon side ----------------------------------------------------------
+
+    def _send_daemon(self, message: dict[str, Any]) -> None:
+        self.channel.sendall(json.dumps(message).encode() + b"\n")
+
+    def _relay(self, request: Any, peer_fd: int | None) -> None:
+        if (not isinstance(request, dict) or not isinstance(request.get("cmd"), str)
+                or not isinstance(request.get("args", {}), dict)):
+            self._answer(peer_fd, {"ok": False, "error": 'malformed request: expected '
+                                   '{"cmd": "...", "args": {...}}'})
+            return
+        self._next_id += 1
+        self._pending[self._next_id] = peer_fd
+        self._send_daemon({"id": self._next_id, "cmd": request["cmd"],
+                           "args": request.get("args", {})})
+
+    def _from_daemon(self, key: Any, mask: int) -> None:
+        data = self.channel.recv(1 << 20)
+        if not data:  # the daemon is gone: so are we
+            log.info("admin_child_exiting", reason="daemon closed the channel")
+            raise SystemExit(0)
+        self._channel_buffer += data
+        while b"\n" in self._channel_buffer:
+            line, self._channel_buffer = self._channel_buffer.split(b"\n", 1)
+            answer = json.loads(line)
+            peer_fd = self._pending.pop(answer.pop("id", None), None)
+            if peer_fd is None:
+                if not answer.get("ok"):
+                    log.warning("control_line_failed", error=answer.get("error"))
+                continue
+            self._answer(peer_fd, answer)
+
+    # -- socket peers ---------------------------------------------------------------
+
+    def _accept(self, key: Any, mask: int) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        pid, uid, gid = peer_credentials(conn)
+        if len(self.peers) >= MAX_CONNECTIONS:
+            _try_send(conn, {"ok": False, "error": "too many control connections, try again"})
+            conn.close()
+            log.warning("control_refused", reason="too many connections", pid=pid, uid=uid)
+            return
+        if not peer_allowed(uid, gid, self.daemon_uid, self.group_gid, self.members):
+            _try_send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
+                             "use the control socket"})
+            conn.close()
+            log.warning("control_refused", reason="permission denied", pid=pid, uid=uid)
+            return
+        peer = _Peer(conn, time.monotonic() + CONNECTION_TIMEOUT)
+        self.peers[conn.fileno()] = peer
+        self.selector.register(conn, selectors.EVENT_READ, self._peer_event)
+
+    def _peer_event(self, key: Any, mask: int) -> None:
+        peer = self.peers.get(key.fd)
+        if peer is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ and not peer.waiting and not peer.closing:
+            try:
+                data = peer.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(peer)
+                return
+            peer.inbox += data
+            if b"\n" in peer.inbox:
+                line = peer.inbox.split(b"\n", 1)[0]
+                peer.waiting = True
+                try:
+                    request = json.loads(line)
+                except ValueError as exc:
+                    self._answer(key.fd, {"ok": False, "error": f"malformed request: {exc}"})
+                    return
+                self._relay(request, key.fd)
+            elif len(peer.inbox) > MAX_REQUEST:
+                self._answer(key.fd, {"ok": False,
+                                      "error": f"request larger than {MAX_REQUEST} bytes"})
+
+    def _answer(self, peer_fd: int | None, answer: dict[str, Any]) -> None:
+        if peer_fd is None:
+            if not answer.get("ok"):
+                log.warning("control_line_failed", error=answer.get("error"))
+            return
+        peer = self.peers.get(peer_fd)
+        if peer is None:
+            return
+        peer.outbox += json.dumps(answer).encode() + b"\n"
+        peer.closing = True
+        self._flush(peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        try:
+            sent = peer.sock.send(peer.outbox)
+            peer.outbox = peer.outbox[sent:]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(peer)
+            return
+        if peer.outbox:
+            self.selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 self._peer_event)
+        elif peer.closing:
+            self._close(peer)
+
+    def _close(self, peer: _Peer) -> None:
+        fd = peer.sock.fileno()
+        self.peers.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(peer.sock)
+        peer.sock.close()
+        for request_id, waiting_fd in list(self._pending.items()):
+            if waiting_fd == fd:
+                self._pending[request_id] = None  # the answer, when it comes, goes nowhere
+
+    def _expire_peers(self) -> None:
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            if now > peer.deadline:
+                log.warning("control_peer_timeout", fd=peer.sock.fileno())
+                self._close(peer)
+
+    # -- FIFO and terminal lines -------------------------------------------------------
+
+    def _read_fifo(self, key: Any, mask: int) -> None:
+        self._fifo_buffer = self._lines(os.read(self.fifo, 65536), self._fifo_buffer, "fifo")
+
+    def _read_terminal(self, key: Any, mask: int) -> None:
+        data = os.read(sys.stdin.fileno(), 65536)
+        if not data:
+            self.selector.unregister(sys.stdin.fileno())
+            return
+        self._terminal_buffer = self._lines(data, self._terminal_buffer, "terminal",
+                                            default_verb="say")
+
+    def _lines(self, data: bytes, buffer: bytes, source: str, default_verb: str = "") -> bytes:
+        buffer += data
+        if len(buffer) > MAX_REQUEST and b"\n" not in buffer:
+            log.warning("control_line_too_long", source=source)
+            return b""
+        while b"\n" in buffer:
+            raw, buffer = buffer.split(b"\n", 1)
+            line = raw.decode("utf-8", "replace")
+            if default_verb and line.strip():
+                line = f"{default_verb} {line}"
+            request = parse_line(line)
+            if request is not None:
+                self._relay(request, None)
+        return buffer
+
+
+def _try_send(conn: socket.socket, answer: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(json.dumps(answer).encode() + b"\n")
+
+
+def run_admin_child(settings: ControlSettings, channel: socket.socket, daemon_uid: int,
+                    read_terminal: bool) -> int:
+    """The admin child's whole life; returns its exit status."""
+    for signum in (signal.SIGINT, signal.SIGHUP):  # the daemon handles these, then stops us
+        signal.signal(signum, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        child = AdminChild(settings, channel, daemon_uid, read_terminal)
+    except OSError as exc:
+        message = exc.strerror or str(exc)
+        with contextlib.suppress(OSError):
+            channel.sendall(json.dumps({"event": "error", "error": message}).encode() + b"\n")
+        log.error("admin_child_failed", error=message)
+        return 1
+    try:
+        child.serve()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    return 0

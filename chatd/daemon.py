@@ -102,6 +102,9 @@ def _make_runtime_dir(settings: Settings, identity: tuple[int, int] | None) -> N
 
 def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> Prepared:
     """Do every fallible step of start-up while errors can still reach the person."""
+    if config_path is not None:
+        # the daemon's cwd is "/": a relative -c FILE would make every reload fail
+        config_path = os.path.abspath(config_path)
     if daemonize and settings.log.file is None:
         settings = replace(settings, log=replace(settings.log, file=default_log_file()))
     identity = resolve_identity(settings)
@@ -142,18 +145,32 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
     """The daemon proper, shared by ``run`` and ``start``."""
     drop_privileges(prepared.identity)
     prepared.pidfile.write(os.getpid())
+    # A forked child (the admin child) would share the lock and keep "running" true
+    # after the daemon was killed or had stopped; only the daemon may hold it.
+    os.register_at_fork(after_in_child=prepared.pidfile.forget)
     server = Server(prepared.settings, prepared.sock, notifier=notifier,
                     config_path=prepared.config_path)
     server.install_signals()
     try:
-        from chatd import control
+        from chatd.admin import AdminStartError, AdminSupervisor
 
-        control.attach(server)
+        server.admin = AdminSupervisor(server, read_terminal=on_ready is None and _stdin_is_tty())
+        try:
+            server.admin.start()
+        except AdminStartError as exc:
+            raise StartError(str(exc)) from None
         if on_ready is not None:
             server.on_ready.append(on_ready)
         return server.serve()
     finally:
         prepared.pidfile.release()
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
 
 
 # -- chatd run ------------------------------------------------------------------
@@ -207,16 +224,24 @@ def start(settings: Settings, config_path: str | None) -> int:
         os._exit(1)  # not reached
     os.close(write_end)
     prepared.sock.close()
-    prepared.pidfile.fd and os.close(prepared.pidfile.fd)
+    prepared.pidfile.forget()  # the daemon holds the lock now (one open file, shared)
     return _await_daemon(prepared.settings, read_end, child)
 
 
 def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
     import daemon as python_daemon
 
+    pipe: list[int] = [ready_fd]  # emptied once closed: its number may then be reused
+
     def report(line: str) -> None:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, (line + "\n").encode())
+        for fd in pipe:
+            with contextlib.suppress(OSError):
+                os.write(fd, (line + "\n").encode())
+
+    def close_pipe() -> None:
+        while pipe:
+            with contextlib.suppress(OSError):
+                os.close(pipe.pop())
 
     try:
         context = python_daemon.DaemonContext(
@@ -231,14 +256,15 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
     except Exception as exc:
         report(f"ERROR cannot daemonize: {exc}")
         os._exit(1)
-    # from here on: the daemon, an orphan in its own session
-    report(f"PID {os.getpid()}")
+    # from here on: the daemon, an orphan in its own session; its session id is the pid
+    # of python-daemon's middle process, which the starter must reap (see _await_daemon)
+    report(f"PID {os.getpid()} {os.getsid(0)}")
     systemd.forget_environment()
     code = 1
     try:
         def ready() -> None:
             report(f"READY {socket_address(prepared.sock)}")
-            os.close(ready_fd)
+            close_pipe()
 
         code = _serve(prepared, systemd.Notifier(address=""), on_ready=ready)
     except Exception as exc:
@@ -259,6 +285,7 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
     deadline = time.monotonic() + settings.daemon.start_timeout
     buffer = b""
     daemon_pid: int | None = None
+    leader: int | None = None
     outcome: str | None = None
     try:
         while outcome is None:
@@ -278,13 +305,19 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
                 line, buffer = buffer.split(b"\n", 1)
                 text = line.decode(errors="replace")
                 if text.startswith("PID "):
-                    daemon_pid = int(text[4:])
+                    daemon_pid, leader = _parse_pid_line(text)
                 else:
                     outcome = text
     finally:
         os.close(read_end)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(intermediate, 0)
+    if leader is not None and leader not in (daemon_pid, os.getpid()):
+        # Orphaned by the intermediate, it is our child now (we are a subreaper) and
+        # exits right after its fork. WNOHANG polls could miss it and leave it to
+        # pid 1, which is not always a reaper. ECHILD: already reaped, or no subreaper.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(leader, 0)
     if outcome is not None and outcome.startswith("READY "):
         _reap_children()
         print(f"chatd started (pid {daemon_pid}, udp {outcome[6:]})")
@@ -294,10 +327,17 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
         outcome = f"ERROR the daemon did not become ready within {limit:g} s"
         if daemon_pid is not None:
             _kill_quietly(daemon_pid, signal.SIGKILL)
-    _wait_unlocked(settings.pidfile, 5.0)
+    if _wait_unlocked(settings.pidfile, 5.0):
+        _remove_stale(settings.pidfile)  # a killed or crashed daemon could not remove it
     _reap_children()
     print(f"chatd: {outcome.removeprefix('ERROR ')}", file=sys.stderr)
     return 1
+
+
+def _parse_pid_line(text: str) -> tuple[int, int | None]:
+    """``PID n [sid]`` -> (n, sid): the daemon's pid and its session leader's."""
+    fields = [int(f) for f in text.split()[1:3]]
+    return fields[0], (fields[1] if len(fields) > 1 else None)
 
 
 def _kill_quietly(pid: int, signum: int) -> None:
@@ -335,11 +375,26 @@ def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
     if kill:
         _kill_quietly(found.pid, signal.SIGKILL)
         if _wait_unlocked(settings.pidfile, 5.0):
+            _remove_stale(settings.pidfile)
             print(f"chatd killed (pid {found.pid}) after {timeout:g} s")
             return 0
     print(f"chatd: pid {found.pid} did not stop within {timeout:g} s"
           + ("" if kill else "; use 'chatd stop --kill' to send SIGKILL"), file=sys.stderr)
     return 1
+
+
+def _remove_stale(path: str) -> None:
+    """Remove a pidfile nobody holds, after SIGKILL left it: status should say "stopped".
+
+    Taking the lock first makes this safe against a daemon starting meanwhile:
+    release() only removes the file if it is still the one we locked.
+    """
+    stale = PidFile(path)
+    try:
+        stale.acquire()
+    except (pidfile_mod.AlreadyRunning, OSError):
+        return
+    stale.release()
 
 
 def process_uptime(pid: int) -> float | None:
@@ -364,6 +419,16 @@ def format_duration(seconds: float) -> str:
     return " ".join(shown[:2])
 
 
+def _control_request(socket_path: str, cmd: str) -> dict | None:
+    """The daemon's answer through the control channel, or None when it cannot be reached."""
+    from chatd.control import ControlError, request
+
+    try:
+        return request(socket_path, cmd, timeout=5.0)
+    except ControlError:
+        return None
+
+
 def status(settings: Settings) -> int:
     """LSB status codes: 0 running, 1 dead with a pidfile, 3 not running, 4 unknown."""
     found = pidfile_mod.probe(settings.pidfile)
@@ -378,15 +443,35 @@ def status(settings: Settings) -> int:
         return 1
     uptime = process_uptime(found.pid) if found.pid else None
     up = f", up {format_duration(uptime)}" if uptime is not None else ""
-    print(f"chatd is running (pid {found.pid}{up})")
+    answer = _control_request(settings.control.socket, "status")
+    if answer is None or not answer.get("ok"):
+        print(f"chatd is running (pid {found.pid}{up}); "
+              f"control socket {settings.control.socket} not answering")
+        return 0
+    info = answer["result"]
+    print(f"chatd is running (pid {found.pid}, udp {info['address']}{up})")
+    print(f"users: {info['users']} of {info['max_users']}")
+    counters = info.get("counters", {})
+    drops = sum(info.get("drops", {}).values())
+    print(f"datagrams: {counters.get('datagrams_in', 0)} in, "
+          f"{counters.get('datagrams_out', 0)} out, {drops} dropped")
     return 0
 
 
-def reload(settings: Settings) -> int:
-    found = pidfile_mod.probe(settings.pidfile)
+def reload(runtime_dir: str, control_socket: str) -> int:
+    """Through the control channel when it answers (so errors are shown), else SIGHUP."""
+    found = pidfile_mod.probe(os.path.join(runtime_dir, "chatd.pid"))
     if found.state is not State.RUNNING or found.pid is None:
         print("chatd: not running", file=sys.stderr)
         return 3
+    answer = _control_request(control_socket, "reload")
+    if answer is not None:
+        if answer.get("ok"):
+            print(f"chatd reloaded (pid {found.pid})")
+            return 0
+        print(f"chatd: reload refused, still running with the old settings: "
+              f"{answer.get('error')}", file=sys.stderr)
+        return 1
     _kill_quietly(found.pid, signal.SIGHUP)
     print(f"chatd: reload requested (SIGHUP to pid {found.pid}); the log says how it went")
     return 0

@@ -51,23 +51,36 @@ def _read_pid(fd: int) -> int | None:
 
 def probe(path: str) -> Probe:
     """Whether a daemon holds ``path``, without disturbing it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return Probe(State.ABSENT)
-    except OSError as exc:
-        return Probe(State.UNKNOWN, error=f"{path}: {exc.strerror}")
-    try:
-        pid = _read_pid(fd)
+    while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return Probe(State.ABSENT)
         except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return Probe(State.RUNNING, pid)
-            return Probe(State.UNKNOWN, pid, error=f"{path}: {exc.strerror}")
-        return Probe(State.STALE, pid)
-    finally:
-        os.close(fd)
+            return Probe(State.UNKNOWN, error=f"{path}: {exc.strerror}")
+        try:
+            pid = _read_pid(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return Probe(State.RUNNING, pid)
+                return Probe(State.UNKNOWN, pid, error=f"{path}: {exc.strerror}")
+            # Unlocked, but maybe only because the daemon just renamed its new pidfile
+            # over the one we opened: the answer is only true of the file at ``path``.
+            if _is_path_of(fd, path):
+                return Probe(State.STALE, pid)
+        finally:
+            os.close(fd)
+
+
+def _is_path_of(fd: int, path: str) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not one renamed over or unlinked)."""
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 class PidFile:
@@ -79,16 +92,25 @@ class PidFile:
         self.stale_pid: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`AlreadyRunning`; a stale file is taken over."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            pid = _read_pid(fd)
+        """Take the lock or raise :class:`AlreadyRunning`; a stale file is taken over.
+
+        The lock only counts if it is on the file at ``path``: a daemon that was
+        starting may have renamed its new pidfile over the one we opened and then
+        let go of the old one, which we would then lock in vain. So check, and retry.
+        """
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                pid = _read_pid(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise AlreadyRunning(pid) from None
+                raise
+            if _is_path_of(fd, self.path):
+                break
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise AlreadyRunning(pid) from None
-            raise
         self.stale_pid = _read_pid(fd)
         self.fd = fd
 
@@ -113,15 +135,22 @@ class PidFile:
         """Remove the file if it is still ours, then let go of the lock."""
         if self.fd is None:
             return
-        try:
-            mine = os.fstat(self.fd)
-            there = os.stat(self.path)
-            if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
-                _unlink(self.path)
-        except OSError:
-            pass
+        if _is_path_of(self.fd, self.path):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         os.close(self.fd)
         self.fd = None
+
+    def forget(self) -> None:
+        """Close our descriptor without touching the file: for a forked child of the daemon.
+
+        A child that kept it would hold the lock (it belongs to the open file, which
+        the fork shares) and keep "running" true after the daemon died or stopped.
+        """
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
 
     def fileno(self) -> int:
         assert self.fd is not None

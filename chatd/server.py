@@ -110,8 +110,12 @@ class Server:
         self._next_tick = 0.0
         self._next_watchdog = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
+        #: the admin child's supervisor (chatd.admin), once started
+        self.admin: Any = None
         #: called on each SIGCHLD; the admin channel supervises its child here
         self.on_child_exit: Callable[[], None] | None = None
+        #: called after the room said goodbye, before the loop closes
+        self.on_shutdown: list[Callable[[], None]] = []
         #: called once a second from the loop
         self.on_tick: list[Callable[[float], None]] = []
         #: called once the room is serving (the readiness pipe of ``chatd start``)
@@ -127,10 +131,14 @@ class Server:
             signal.signal(signum, _note_signal)
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signals)
 
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
-        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+    def watch(self, fileobj: Any, events: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(mask)`` from the loop when ``fileobj`` is ready for ``events``."""
+        try:
+            self.selector.modify(fileobj, events, callback)
+        except KeyError:
+            self.selector.register(fileobj, events, callback)
 
-    def remove_reader(self, fileobj: Any) -> None:
+    def unwatch(self, fileobj: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fileobj)
 
@@ -156,8 +164,8 @@ class Server:
             if now >= self._next_tick:
                 self._tick(now)
             timeout = max(0.0, self._next_tick - now)
-            for key, _ in self.selector.select(timeout):
-                key.data()
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
                 if self._stop_reason is not None:
                     break
         self._shutdown()
@@ -169,7 +177,7 @@ class Server:
     def _tick(self, now: float) -> None:
         self._next_tick = now + TICK_SECONDS
         self.deliver(self.room.expire(now))
-        self._log_room_events()
+        self.log_room_events()
         interval = self.notifier.watchdog_interval
         if interval and now >= self._next_watchdog:
             self._next_watchdog = now + interval
@@ -177,7 +185,7 @@ class Server:
         for callback in self.on_tick:
             callback(now)
 
-    def _on_datagrams(self) -> None:
+    def _on_datagrams(self, mask: int = selectors.EVENT_READ) -> None:
         recv, room, counters = self.sock.recvfrom, self.room, self.counters
         for _ in range(BATCH):
             try:
@@ -194,7 +202,7 @@ class Server:
                 counters["internal_errors"] += 1
                 log.exception("datagram_failed", addr=format_addr(addr))
             if room.events:
-                self._log_room_events()
+                self.log_room_events()
 
     def deliver(self, deliveries: Iterable[Delivery]) -> None:
         """Send each payload to each of its addresses; errors are counted, never raised."""
@@ -212,7 +220,7 @@ class Server:
 
     # -- logging what the room did ----------------------------------------------
 
-    def _log_room_events(self) -> None:
+    def log_room_events(self) -> None:
         events, self.room.events = self.room.events, []
         for name, fields in events:
             if "addr" in fields:
@@ -231,7 +239,7 @@ class Server:
 
     # -- signals ----------------------------------------------------------------
 
-    def _on_signals(self) -> None:
+    def _on_signals(self, mask: int = selectors.EVENT_READ) -> None:
         try:
             data = self._signal_r.recv(512)
         except BlockingIOError:
@@ -280,6 +288,23 @@ class Server:
 
     # -- status and stop ------------------------------------------------------
 
+    def status(self) -> dict[str, Any]:
+        """What ``chatctl status`` shows: identity, load and every counter."""
+        return {
+            "pid": os.getpid(),
+            "address": self.address,
+            "uptime": round(time.monotonic() - self.started_monotonic, 1),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "users": len(self.room),
+            "max_users": self.settings.room.max_users,
+            "config": self.config_path,
+            "counters": dict(self.counters),
+            "drops": dict(self.room.drops),
+            "send_errors": dict(self.send_errors),
+            "admin_child_pid": self.admin.pid if self.admin is not None else None,
+            "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
+        }
+
     def status_line(self) -> str:
         return f"serving {self.address}, {len(self.room)} users"
 
@@ -289,7 +314,9 @@ class Server:
         self.plugins.shutdown()
         self.deliver(self.room.take_output())
         self.deliver(self.room.shutdown())
-        self._log_room_events()
+        self.log_room_events()
+        for callback in self.on_shutdown:
+            callback()
         signal.set_wakeup_fd(-1)
         self.selector.close()
 

@@ -9,18 +9,22 @@ import yaml
 
 from chatd import __version__
 from chatd import config as config_mod
+from chatd import daemon
 
 EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    config_help = "configuration file (default: $CHATD_CONFIG, else built-in defaults)"
+    # -c works before and after the command; the copy after it must not reset the first
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", metavar="FILE",
-                        help="configuration file (default: $CHATD_CONFIG, else built-in defaults)")
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help=config_help)
     parser = argparse.ArgumentParser(
-        prog="chatd", parents=[common],
+        prog="chatd",
         description="A pluggable UDP group-chat daemon.",
         epilog="See chatd(8) and chatd.yaml(5).")
+    parser.add_argument("-c", "--config", metavar="FILE", help=config_help)
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("run", parents=[common], help="serve in the foreground (systemd, debugging)")
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = config_mod.config_path(args.config)
     try:
+        if args.command == "reload":  # the daemon itself says what is wrong with the file
+            runtime_dir, socket = config_mod.locate(path)
+            return daemon.reload(runtime_dir, socket)
         settings = config_mod.load(path)
     except config_mod.ConfigError as exc:
         print(f"chatd: config error: {exc}", file=sys.stderr)
@@ -81,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {path or 'built-in defaults'}: OK; the effective configuration:")
         print(effective_yaml(settings), end="")
         return 0
-    from chatd import daemon
-
     if args.command == "run":
         return daemon.run_foreground(settings, path)
     if args.command == "start":
@@ -92,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "restart":
         stopped = daemon.stop(settings, args.timeout, args.kill)
         return stopped if stopped != 0 else daemon.start(settings, path)
-    if args.command == "status":
-        return daemon.status(settings)
-    return daemon.reload(settings)
+    return daemon.status(settings)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,132 @@
+"""``chatctl``: talk to a running chatd through its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from chatd import __version__
+from chatd import config as config_mod
+from chatd.control import ControlError, request
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatctl",
+        description="Administer a running chatd: broadcast, list and kick users, "
+                    "show status, reload the configuration.",
+        epilog="Exit status: 0 done, 1 the daemon refused, 2 usage error, "
+               "3 daemon not running. See chatctl(8).")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", metavar="FILE",
+                       help="chatd's configuration, to find its control socket")
+    where.add_argument("--socket", metavar="PATH", help="the control socket itself")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="seconds to wait for an answer (default 10)")
+    parser.add_argument("--version", action="version", version=f"chatctl {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    say = sub.add_parser("say", help="broadcast TEXT to everyone, signed with the admin name")
+    say.add_argument("text", nargs="+", metavar="TEXT")
+    kick = sub.add_parser("kick", help="remove a user, telling them why")
+    kick.add_argument("name", metavar="NAME")
+    kick.add_argument("reason", nargs="*", metavar="REASON")
+    for verb, text in (("who", "list the users: address, login time, idle time"),
+                       ("status", "pid, uptime, address, users, counters"),
+                       ("plugins", "loaded plugins, their state and failure counts")):
+        sub.add_parser(verb, help=text).add_argument(
+            "--json", action="store_true", help="machine-readable output")
+    sub.add_parser("reload", help="re-read the configuration; prints the error if it is invalid")
+    return parser
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    if args.verb == "say":
+        return "say", {"text": " ".join(args.text)}
+    if args.verb == "kick":
+        return "kick", {"name": args.name, "reason": " ".join(args.reason)}
+    return args.verb, {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.socket:
+        path = args.socket
+    else:
+        try:
+            _, path = config_mod.locate(config_mod.config_path(args.config))
+        except config_mod.ConfigError as exc:
+            print(f"chatctl: config error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    cmd, cmd_args = _request(args)
+    try:
+        answer = request(path, cmd, cmd_args, timeout=args.timeout)
+    except ControlError as exc:
+        print(f"chatctl: chatd is not running? {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    if not answer.get("ok"):
+        print(f"chatctl: {answer.get('error', 'refused')}", file=sys.stderr)
+        return EXIT_REFUSED
+    result = answer.get("result")
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print(HUMAN[cmd](result))
+    return 0
+
+
+def _who(users: list[dict[str, Any]]) -> str:
+    if not users:
+        return "no users"
+    rows = [("NAME", "ADDRESS", "LOGIN (UTC)", "IDLE")] + [
+        (u["name"], u["addr"], u["login_time"], f"{u['idle']:.0f}s") for u in users]
+    return _table(rows)
+
+
+def _status(status: dict[str, Any]) -> str:
+    lines = [
+        f"pid:          {status['pid']} (admin child {status.get('admin_child_pid') or 'none'})",
+        f"address:      udp {status['address']}",
+        f"uptime:       {status['uptime']:.0f}s (since {status['started']})",
+        f"users:        {status['users']} of {status['max_users']}",
+        f"config:       {status.get('config') or 'built-in defaults'}",
+        f"plugins:      {', '.join(status.get('plugins') or []) or 'none'}",
+    ]
+    for title, key in (("counters", "counters"), ("dropped", "drops"),
+                       ("send errors", "send_errors")):
+        values = status.get(key) or {}
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(values.items())) or "none"
+        lines.append(f"{title + ':':<13} {shown}")
+    return "\n".join(lines)
+
+
+def _plugins(plugins: list[dict[str, Any]]) -> str:
+    if not plugins:
+        return "no plugins"
+    rows = [("PLUGIN", "STATE", "FAILURES", "CALLS")] + [
+        (p["name"], p.get("state", "enabled" if p.get("enabled") else "disabled"),
+         str(p.get("failures", 0)), str(p.get("calls", 0))) for p in plugins]
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in rows)
+
+
+HUMAN = {
+    "say": lambda r: f"said to {r['users']} users",
+    "kick": lambda r: f"kicked {r['kicked']} ({r['reason']})",
+    "who": _who,
+    "status": _status,
+    "reload": lambda r: str(r),
+    "plugins": _plugins,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The control channel: the admin child, its socket and FIFO, and chatctl."""
+
+import json
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import wait_for
+
+
+def chatctl(server, *args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "chatd.cli.chatctl", "-c", str(server.config),
+                           *args], capture_output=True, text=True, timeout=timeout)
+
+
+def chatctl_json(server, *args):
+    result = chatctl(server, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def raw_request(path, data: bytes, timeout=5.0) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(data)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return json.loads(answer)
+
+
+def state_of(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_say_who_kick(users, chatd):
+    alice, bob = users("alice"), users("bob")
+    alice.recv()
+    result = chatctl(chatd, "say", "meeting", "at", "noon")
+    assert result.returncode == 0, result.stderr
+    assert "said to 2 users" in result.stdout
+    for user in (alice, bob):
+        assert user.recv_text() == "\nadmin says: meeting at noon"
+    who = chatctl_json(chatd, "who")
+    assert sorted(u["name"] for u in who) == ["alice", "bob"]
+    assert all(u["addr"].startswith("127.0.0.1:") and "login_time" in u and "idle" in u
+               for u in who)
+    human = chatctl(chatd, "who").stdout
+    assert "alice" in human and "NAME" in human
+    result = chatctl(chatd, "kick", "bob", "too", "loud")
+    assert result.returncode == 0, result.stderr
+    assert bob.recv_text() == "\nyou were removed from the room: too loud"
+    assert bob.recv() == b"EXIT"
+    assert alice.recv_text() == "\nbob was removed from the room: too loud"
+    assert [u["name"] for u in chatctl_json(chatd, "who")] == ["alice"]
+    missing = chatctl(chatd, "kick", "nobody")
+    assert missing.returncode == 1 and "no such user: nobody" in missing.stderr
+
+
+def test_say_too_long_is_refused(users, chatd):
+    users("alice")
+    result = chatctl(chatd, "say", "x" * 2000)
+    assert result.returncode == 1 and "too long" in result.stderr
+
+
+def test_status_counters_move(users, chatd):
+    before = chatctl_json(chatd, "status")
+    assert before["pid"] == chatd.proc.pid
+    assert before["address"] == f"127.0.0.1:{chatd.port}"
+    assert before["admin_child_pid"] in children_of(chatd.proc.pid)
+    alice, bob = users("alice"), users("bob")
+    alice.say("one")
+    bob.send(b"\xff")
+    bob.ping()
+    after = chatctl_json(chatd, "status")
+    assert after["users"] == 2
+    assert after["counters"]["datagrams_in"] >= before["counters"].get("datagrams_in", 0) + 4
+    assert after["counters"]["datagrams_out"] > before["counters"].get("datagrams_out", 0)
+    assert after["drops"]["bad_utf8"] == 1
+    human = chatctl(chatd, "status").stdout
+    assert "users:        2 of 1000" in human and "bad_utf8 1" in human
+
+
+def test_chatd_status_uses_the_channel(users, chatd):
+    users("alice")
+    result = subprocess.run([sys.executable, "-m", "chatd", "status", "-c", str(chatd.config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert f"udp 127.0.0.1:{chatd.port}" in result.stdout and "users: 1 of 1000" in result.stdout
+
+
+def test_reload_reports_the_validation_error(users, chatd):
+    alice = users("alice")
+    good = chatd.config.read_text()
+    chatd.config.write_text(good + "room:\n  max_users: lots\n")
+    result = chatctl(chatd, "reload")
+    assert result.returncode == 1
+    assert "room.max_users: expected an integer" in result.stderr
+    chatd.config.write_text(good.replace("level: debug", "level: info"))
+    result = chatctl(chatd, "reload")
+    assert result.returncode == 0 and "reloaded" in result.stdout
+    assert alice.ping() == b"PONG"  # still logged in
+
+
+def test_fifo_line_is_broadcast(users, chatd):
+    alice = users("alice")
+    fifo = chatd.runtime_dir / "control.fifo"
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert stat.S_IMODE(fifo.stat().st_mode) == 0o620
+    with open(fifo, "w") as f:
+        f.write("say backup at 2am\n")
+    assert alice.recv_text() == "\nadmin says: backup at 2am"
+    with open(fifo, "w") as f:
+        f.write("kick alice bye now\n")
+    assert alice.recv_text() == "\nyou were removed from the room: bye now"
+
+
+def test_socket_mode(make_chatd):
+    server = make_chatd({"control": {"mode": "0600"}})
+    assert stat.S_IMODE((server.runtime_dir / "control.sock").stat().st_mode) == 0o600
+    default = make_chatd()
+    assert stat.S_IMODE((default.runtime_dir / "control.sock").stat().st_mode) == 0o660
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_peer_of_another_uid_is_refused(make_chatd, tmp_path_factory):
+    # a directory "nobody" can reach, so that only the peer check can refuse it
+    shared = tmp_path_factory.mktemp("shared")
+    for directory in (shared, *shared.parents):
+        if str(directory).startswith("/tmp/"):
+            os.chmod(directory, os.stat(directory).st_mode | 0o011)
+    path = str(shared / "control.sock")
+    server = make_chatd({"control": {"mode": "0666", "socket": path}})
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            answer = raw_request(path, b'{"cmd": "who"}\n')
+            os.write(write_end, json.dumps(answer).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        answer = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert answer["ok"] is False and "permission denied" in answer["error"]
+    assert any(e["event"] == "control_refused" for e in server.log_events())
+
+
+def test_admin_child_respawns_after_sigkill(users, chatd):
+    alice = users("alice")
+    first = chatctl_json(chatd, "status")["admin_child_pid"]
+    os.kill(first, signal.SIGKILL)
+
+    def new_child():
+        result = chatctl(chatd, "status", "--json")
+        if result.returncode != 0:
+            return None
+        pid = json.loads(result.stdout)["admin_child_pid"]
+        return pid if pid not in (None, first) else None
+
+    second = wait_for(new_child, timeout=15, what="a new admin child")
+    assert state_of(second) not in (None, "Z")
+    assert all(state_of(pid) != "Z" for pid in children_of(chatd.proc.pid))
+    assert first not in children_of(chatd.proc.pid)
+    assert [u["name"] for u in chatctl_json(chatd, "who")] == ["alice"]
+    assert alice.ping() == b"PONG"
+
+
+def test_admin_child_exits_when_the_daemon_is_killed(make_chatd):
+    server = make_chatd()
+    child = chatctl_json(server, "status")["admin_child_pid"]
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    wait_for(lambda: state_of(child) in (None, "Z"), timeout=10, what="the admin child to exit")
+
+
+def test_silent_and_garbage_peers_do_not_block(users, chatd):
+    alice = users("alice")
+    path = chatd.runtime_dir / "control.sock"
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(path))
+    try:
+        started = time.monotonic()
+        result = chatctl(chatd, "say", "despite the silent one")
+        assert result.returncode == 0, result.stderr
+        assert alice.recv_text() == "\nadmin says: despite the silent one"
+        assert time.monotonic() - started < 4  # well under the 5 s peer timeout
+        garbage = raw_request(path, b"this is not json\n")
+        assert garbage["ok"] is False and "malformed request" in garbage["error"]
+        shape = raw_request(path, b"[1, 2]\n")
+        assert shape["ok"] is False and "malformed request" in shape["error"]
+        unknown = raw_request(path, b'{"cmd": "dance"}\n')
+        assert unknown["ok"] is False and "unknown command" in unknown["error"]
+        assert raw_request(path, b'{"cmd": "who"}\n')["ok"] is True
+    finally:
+        silent.close()
+
+
+def test_chatctl_against_a_stopped_daemon(make_chatd):
+    server = make_chatd()
+    server.stop()
+    result = chatctl(server, "who")
+    assert result.returncode == 3
+    assert str(server.runtime_dir / "control.sock") in result.stderr
+
+
+def test_chatctl_usage_error():
+    result = subprocess.run([sys.executable, "-m", "chatd.cli.chatctl", "dance"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+
+
+def test_graceful_stop_removes_socket_and_fifo_and_reaps_the_child(make_chatd):
+    server = make_chatd()
+    child = chatctl_json(server, "status")["admin_child_pid"]
+    assert server.stop() == 0
+    assert not (server.runtime_dir / "control.sock").exists()
+    assert not (server.runtime_dir / "control.fifo").exists()
+    assert not (server.runtime_dir / "chatd.pid").exists()
+    assert state_of(child) is None  # reaped by the daemon, not a zombie
