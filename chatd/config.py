@@ -50,6 +50,8 @@ class RoomSettings:
     max_name_length: int = 32
     max_datagram: int = 1024
     session_timeout: float = 90.0
+    max_sessions_per_ip: int = 100
+    unreachable_after: int = 3
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(LOCALES["en"]))
 
     @property
@@ -178,6 +180,8 @@ SCHEMA: Mapping[str, tuple[Callable[[Any], Any], Any]] = {
     "room.max_name_length": (_int(1, 256), RoomSettings.max_name_length),
     "room.max_datagram": (_int(64, 65507), RoomSettings.max_datagram),
     "room.session_timeout": (_number(1, 86400 * 365), RoomSettings.session_timeout),
+    "room.max_sessions_per_ip": (_int(0, 1_000_000), RoomSettings.max_sessions_per_ip),
+    "room.unreachable_after": (_int(0, 1_000_000), RoomSettings.unreachable_after),
     "room.templates": (_mapping, {}),
     "daemon.user": (_optional(_text), None),
     "daemon.group": (_optional(_text), None),
@@ -294,6 +298,8 @@ def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Se
         max_name_length=get("room.max_name_length"),
         max_datagram=get("room.max_datagram"),
         session_timeout=get("room.session_timeout"),
+        max_sessions_per_ip=get("room.max_sessions_per_ip"),
+        unreachable_after=get("room.unreachable_after"),
         templates=MappingProxyType(templates),
     )
     for path in ("control.socket", "control.fifo", "log.file"):

@@ -247,6 +247,7 @@ class AdminChild:
             self.listener.close()
             os.unlink(self.settings.socket)  # ours: we just bound it
             raise
+        self._identities = self._current_identities()
         self._fifo_buffer = b""
         self._terminal_buffer = b""
         self._channel_buffer = b""
@@ -266,6 +267,39 @@ class AdminChild:
             for key, mask in self.selector.select(timeout=1.0):
                 key.data(key, mask)
             self._expire_peers()
+            self._recreate_missing_files()
+
+    # -- files removed under our feet (runtime_dir wiped, tmp cleaners) -------------------
+
+    def _current_identities(self) -> tuple[tuple[int, int] | None, ...]:
+        def identity(path: str) -> tuple[int, int] | None:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return None
+            return st.st_dev, st.st_ino
+
+        return identity(self.settings.socket), identity(self.settings.fifo)
+
+    def _recreate_missing_files(self) -> None:
+        """A control socket or FIFO that was removed is created again, or the log says why."""
+        if self._current_identities() == self._identities:
+            return
+        self.selector.unregister(self.listener)
+        self.selector.unregister(self.fifo)
+        self.listener.close()
+        os.close(self.fifo)
+        try:
+            self.listener = create_socket(self.settings, self.group_gid)
+            self.fifo = create_fifo(self.settings, self.group_gid)
+        except OSError as exc:
+            log.error("control_files_lost", error=exc.strerror or str(exc))
+            raise SystemExit(1) from None  # the daemon starts another child, with backoff
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(self.fifo, selectors.EVENT_READ, self._read_fifo)
+        self._identities = self._current_identities()
+        log.warning("control_files_recreated", socket=self.settings.socket,
+                    fifo=self.settings.fifo)
 
     # -- the daemon side ----------------------------------------------------------
 

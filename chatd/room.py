@@ -36,6 +36,7 @@ class Session:
     joined_at: float  # monotonic seconds
     last_seen: float  # monotonic seconds
     keepalive: bool = False  # has sent P at least once: only then can it time out
+    unreachable: int = 0  # delivery failures reported by the kernel since it last spoke
 
 
 class RoomHooks(Protocol):
@@ -90,6 +91,7 @@ class Room:
     def __post_init__(self) -> None:
         self._by_addr: dict[Addr, Session] = {}
         self._by_key: dict[str, Session] = {}
+        self._per_host: Counter[Any] = Counter()
         self._out: list[Delivery] = []
         self._templates = self.settings.templates
 
@@ -118,6 +120,7 @@ class Room:
             self._drop("spoofed", addr, claimed=command.name, holder=session.name)
             return self._take()
         session.last_seen = now
+        session.unreachable = 0
         if isinstance(command, protocol.Chat):
             self._chat(session, command.text)
         elif isinstance(command, protocol.Ping):
@@ -136,6 +139,21 @@ class Room:
         ]
         for session in stale:
             self._leave(session, "timeout", "timed_out")
+        return self._take()
+
+    def unreachable(self, addr: Addr) -> list[Delivery]:
+        """The kernel says datagrams to ``addr`` cannot be delivered (ICMP errors).
+
+        A client that vanished without ``Q`` (crash, closed laptop) would
+        otherwise stay in the room forever if it never sent keepalives.
+        """
+        session = self._by_addr.get(addr)
+        limit = self.settings.unreachable_after
+        if session is None or not limit:
+            return self._take()
+        session.unreachable += 1
+        if session.unreachable >= limit:
+            self._leave(session, "unreachable", "unreachable")
         return self._take()
 
     def next_expiry(self) -> float | None:
@@ -240,6 +258,10 @@ class Room:
         if len(self._by_addr) >= self.settings.max_users:
             self._refuse(addr, name, "room_full", "room_full", max_users=self.settings.max_users)
             return
+        per_ip = self.settings.max_sessions_per_ip
+        if per_ip and self._per_host[_host(addr)] >= per_ip:
+            self._refuse(addr, name, "too_many_sessions", "too_many_sessions", limit=per_ip)
+            return
         refusal = self.hooks.login(name, addr)
         if refusal is not None:
             self._out.append(Delivery(self._fit(refusal.encode()), (addr,)))
@@ -252,6 +274,7 @@ class Room:
         new = Session(name=name, key=key, addr=addr, joined_at=now, last_seen=now)
         self._by_addr[addr] = new
         self._by_key[key] = new
+        self._per_host[_host(addr)] += 1
         self.events.append(("user_joined", {"name": name, "addr": addr}))
         self.hooks.joined(name)
 
@@ -288,6 +311,10 @@ class Room:
     def _forget(self, session: Session) -> None:
         del self._by_addr[session.addr]
         del self._by_key[session.key]
+        host = _host(session.addr)
+        self._per_host[host] -= 1
+        if not self._per_host[host]:
+            del self._per_host[host]
 
     def _refuse(self, addr: Addr, wanted: str, why: str, template: str, **fields: Any) -> None:
         self._send_text(addr, template, **fields)
@@ -320,3 +347,7 @@ class Room:
     def _take(self) -> list[Delivery]:
         out, self._out = self._out, []
         return out
+
+
+def _host(addr: Addr) -> Any:
+    return addr[0] if isinstance(addr, tuple) else addr

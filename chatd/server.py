@@ -37,6 +37,15 @@ TICK_SECONDS = 1.0
 
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
+# Linux: ask for ICMP errors on the socket's error queue, with the address they concern
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+# Errors a sendto can report on behalf of an earlier datagram (the socket's pending
+# ICMP error): the datagram at hand was not sent and is retried once.
+_DEFERRED_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                              errno.EHOSTDOWN, errno.ENETDOWN})
+
 
 class BindError(Exception):
     """The UDP socket could not be set up; the message names the address."""
@@ -73,8 +82,14 @@ def bind_udp(listen: ListenSettings) -> socket.socket:
 
 
 def tune_socket(sock: socket.socket, listen: ListenSettings) -> None:
-    """Large buffers absorb bursts; as root the kernel's cap (rmem_max) may be exceeded."""
+    """Large buffers absorb bursts (as root beyond the kernel's rmem_max cap); ICMP errors
+    are queued with the address they concern, so vanished clients can be dropped."""
     sock.setblocking(False)
+    with contextlib.suppress(OSError):
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
     for force, plain, size in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF,
                                 listen.rcvbuf),
                                (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF,
@@ -106,7 +121,10 @@ class Server:
         self.send_errors: Counter[str] = Counter()
         self.selector = selectors.DefaultSelector()
         self._stop_reason: str | None = None
-        self._drop_log = log_mod.BoundedRate()
+        # events any stranger can cause, each kind logged at a bounded rate
+        self._stranger_logs = {"datagram_dropped": (log_mod.BoundedRate(), "warning"),
+                               "login_refused": (log_mod.BoundedRate(), "info")}
+        self._icmp_pending = False  # an ICMP error was reported: drain the error queue
         self._next_tick = 0.0
         self._next_watchdog = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
@@ -192,8 +210,8 @@ class Server:
                 data, addr = recv(RECV_BUFFER)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error
-                self.send_errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
+            except OSError as exc:  # the pending ICMP error of an earlier datagram
+                self._note_send_error(exc)
                 continue
             counters["datagrams_in"] += 1
             try:
@@ -203,6 +221,8 @@ class Server:
                 log.exception("datagram_failed", addr=format_addr(addr))
             if room.events:
                 self.log_room_events()
+        if self._icmp_pending:
+            self._drain_error_queue()
 
     def deliver(self, deliveries: Iterable[Delivery]) -> None:
         """Send each payload to each of its addresses; errors are counted, never raised."""
@@ -215,8 +235,52 @@ class Server:
                     send(payload, addr)
                     sent += 1
                 except OSError as exc:
-                    self.send_errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
+                    sent += self._send_failed(exc, payload, addr)
         self.counters["datagrams_out"] += sent
+
+    def _send_failed(self, exc: OSError, payload: bytes, addr: Any) -> int:
+        """Count the error; retry once when it was an earlier datagram's. Returns 1 if sent."""
+        self._note_send_error(exc)
+        if exc.errno in _DEFERRED_ERRORS:
+            try:
+                self.sock.sendto(payload, addr)
+                return 1
+            except OSError as again:
+                self._note_send_error(again)
+        return 0
+
+    def _note_send_error(self, exc: OSError) -> None:
+        self.send_errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
+        if exc.errno in _DEFERRED_ERRORS:
+            self._icmp_pending = True
+
+    def _drain_error_queue(self) -> None:
+        """Each queued ICMP error names the address a datagram could not reach."""
+        self._icmp_pending = False
+        for _ in range(BATCH):
+            try:
+                _, _, _, addr = self.sock.recvmsg(1, 512, MSG_ERRQUEUE)
+            except OSError:
+                return
+            self.counters["unreachable_reports"] += 1
+            self.deliver(self.room.unreachable(addr))
+            self.log_room_events()
+        self._icmp_pending = True  # more than a batch: the rest on the next wakeup
+
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped for this socket (full receive buffer), if known."""
+        inode = os.fstat(self.sock.fileno()).st_ino
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            try:
+                with open(table) as f:
+                    next(f)
+                    for line in f:
+                        fields = line.split()
+                        if len(fields) > 12 and fields[9] == str(inode):
+                            return int(fields[12])
+            except (OSError, StopIteration, ValueError):
+                continue
+        return None
 
     # -- logging what the room did ----------------------------------------------
 
@@ -228,14 +292,19 @@ class Server:
             if name == "chat":
                 self.counters["chat_lines"] += 1
                 log.debug(name, **fields)
-            elif name == "datagram_dropped":
-                if self._drop_log.allow():
-                    suppressed = self._drop_log.take_suppressed()
-                    if suppressed:
-                        fields["suppressed_since_last"] = suppressed
-                    log.warning(name, **fields)
+            elif name in self._stranger_logs:
+                self._log_bounded(name, fields)
             else:
                 log.info(name, **fields)
+
+    def _log_bounded(self, name: str, fields: dict[str, Any]) -> None:
+        rate, level = self._stranger_logs[name]
+        if not rate.allow():
+            return
+        suppressed = rate.take_suppressed()
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        getattr(log, level)(name, **fields)
 
     # -- signals ----------------------------------------------------------------
 
@@ -244,13 +313,14 @@ class Server:
             data = self._signal_r.recv(512)
         except BlockingIOError:
             return
-        for signum in data:
-            if signum in (signal.SIGTERM, signal.SIGINT):
+        received = set(data)  # a burst of one signal is handled once
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signum in received:
                 self.stop(signal.Signals(signum).name)
-            elif signum == signal.SIGHUP:
-                self.reload()
-            elif signum == signal.SIGCHLD and self.on_child_exit is not None:
-                self.on_child_exit()
+        if signal.SIGCHLD in received and self.on_child_exit is not None:
+            self.on_child_exit()
+        if signal.SIGHUP in received and self._stop_reason is None:
+            self.reload()
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file; on any error keep running as before and say why."""
@@ -301,6 +371,7 @@ class Server:
             "counters": dict(self.counters),
             "drops": dict(self.room.drops),
             "send_errors": dict(self.send_errors),
+            "kernel_drops": self.kernel_drops(),
             "admin_child_pid": self.admin.pid if self.admin is not None else None,
             "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
         }

@@ -7,6 +7,7 @@ for its ``READY=1``, exactly as systemd would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -161,10 +162,8 @@ class ChatdProcess:
             return []
         events = []
         for line in self.log_path.read_text().splitlines():
-            try:
+            with contextlib.suppress(ValueError):
                 events.append(json.loads(line))
-            except ValueError:
-                pass
         return events
 
 

@@ -6,8 +6,10 @@ import pwd
 import signal
 import socket
 import stat
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -151,32 +153,36 @@ def test_socket_mode(make_chatd):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
-def test_peer_of_another_uid_is_refused(make_chatd, tmp_path_factory):
+def test_peer_of_another_uid_is_refused(make_chatd):
     # a directory "nobody" can reach, so that only the peer check can refuse it
-    shared = tmp_path_factory.mktemp("shared")
-    for directory in (shared, *shared.parents):
-        if str(directory).startswith("/tmp/"):
-            os.chmod(directory, os.stat(directory).st_mode | 0o011)
-    path = str(shared / "control.sock")
-    server = make_chatd({"control": {"mode": "0666", "socket": path}})
-    nobody = pwd.getpwnam("nobody")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-            answer = raw_request(path, b'{"cmd": "who"}\n')
-            os.write(write_end, json.dumps(answer).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as f:
-        answer = json.loads(f.read())
-    os.waitpid(pid, 0)
-    assert answer["ok"] is False and "permission denied" in answer["error"]
-    assert any(e["event"] == "control_refused" for e in server.log_events())
+    shared = tempfile.mkdtemp(prefix="chatd-test-", dir="/tmp")
+    os.chmod(shared, 0o755)
+    path = os.path.join(shared, "control.sock")
+    try:
+        server = make_chatd({"control": {"mode": "0666", "socket": path}})
+        nobody = pwd.getpwnam("nobody")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                answer = raw_request(path, b'{"cmd": "who"}\n')
+            except Exception as exc:  # reported to the parent, which fails the test
+                answer = {"exception": repr(exc)}
+            finally:
+                os.write(write_end, json.dumps(answer).encode())
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as f:
+            answer = json.loads(f.read())
+        os.waitpid(pid, 0)
+        assert answer.get("ok") is False, answer
+        assert "permission denied" in answer["error"]
+        assert any(e["event"] == "control_refused" for e in server.log_events())
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_admin_child_respawns_after_sigkill(users, chatd):

@@ -7,9 +7,8 @@ import sys
 
 import yaml
 
-from chatd import __version__
+from chatd import __version__, daemon
 from chatd import config as config_mod
-from chatd import daemon
 
 EXIT_USAGE = 2
 
