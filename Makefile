@@ -22,6 +22,7 @@ run: $(VENV)/.installed
 	$(BIN)/chatd run
 
 test: $(VENV)/.installed-test
+	scripts/test-deps.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -23,8 +23,6 @@ from chatd.config import LogSettings
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,
              "exception": 3, "fatal": 2, "msg": 6}
 
-_REOPEN_CHECK_SECONDS = 1.0
-
 
 class Sink:
     """Where rendered log lines go; one per process, replaced on reconfiguration."""
@@ -35,8 +33,6 @@ class Sink:
         self.write_errors = 0
         self._stream = stream
         self._file: TextIO | None = None
-        self._inode: tuple[int, int] | None = None
-        self._checked = 0.0
         if path is not None:
             self._file = self._open(path)
 
@@ -64,10 +60,8 @@ class Sink:
             self.write_errors += 1
 
     def _reopen_if_moved(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < _REOPEN_CHECK_SECONDS and self._file is not None:
-            return
-        self._checked = now
+        """One stat per line, as logging.handlers.WatchedFileHandler does: log lines are
+        rare events (never one per delivery), and rotation then takes effect at once."""
         assert self.path is not None
         try:
             st = os.stat(self.path)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# System tools some tests use (man page lint, log rotation, a movable wall clock,
+# unit verification). Installed with apt-get when missing and possible (root on
+# Debian); otherwise the tests that need them are skipped, each saying why.
+set -euo pipefail
+need=()
+command -v mandoc >/dev/null || need+=(mandoc)
+command -v logrotate >/dev/null || need+=(logrotate)
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing test tools: ${need[*]}"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } \
+        >/dev/null || echo "warning: could not install ${need[*]}; their tests will be skipped" >&2
+else
+    echo "note: ${need[*]} missing and not installable here; their tests will be skipped" >&2
+fi

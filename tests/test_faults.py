@@ -1,0 +1,178 @@
+"""Faults that must not stop the room: a dying admin child, signal storms, a lost log
+file, a wiped runtime directory, and a wall clock that jumps."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import UdpUser, wait_for
+
+FAKETIME_LIBS = [Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+                 Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1")]
+FAKETIME = next((p for p in FAKETIME_LIBS if p.exists()), None)
+
+
+def chatctl(server, *args):
+    return subprocess.run([sys.executable, "-m", "chatd.cli.chatctl", "-c", str(server.config),
+                           *args], capture_output=True, text=True, timeout=30)
+
+
+def status(server) -> dict:
+    result = chatctl(server, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def pair(server):
+    alice, bob = UdpUser(server.addr), UdpUser(server.addr)
+    alice.join("alice")
+    bob.join("bob")
+    assert alice.recv_text() == "\nbob joined the room"
+    return alice, bob
+
+
+def exchange(alice, bob, count, label):
+    """``count`` lines each way; every one must arrive, in order."""
+    for i in range(count):
+        alice.say(f"{label} a{i}")
+        assert bob.recv_text() == f"\nalice says: {label} a{i}"
+        bob.say(f"{label} b{i}")
+        assert alice.recv_text() == f"\nbob says: {label} b{i}"
+
+
+def test_admin_child_killed_under_chat_load(make_chatd):
+    server = make_chatd()
+    alice, bob = pair(server)
+    try:
+        first = status(server)["admin_child_pid"]
+        exchange(alice, bob, 50, "before")
+        os.kill(first, signal.SIGKILL)
+        exchange(alice, bob, 200, "during")
+        def new_child():
+            result = chatctl(server, "status", "--json")
+            return result.returncode == 0 and json.loads(result.stdout)["admin_child_pid"] != first
+
+        wait_for(new_child, timeout=15, what="a new admin child")
+        exchange(alice, bob, 50, "after")
+        assert chatctl(server, "say", "still in charge").returncode == 0
+        assert alice.recv_text() == "\nadmin says: still in charge"
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_burst_of_100_sighups_while_users_chat(make_chatd):
+    server = make_chatd()
+    alice, bob = pair(server)
+    try:
+        for i in range(100):
+            os.kill(server.proc.pid, signal.SIGHUP)
+            if i % 10 == 0:
+                exchange(alice, bob, 1, f"hup{i}")
+        exchange(alice, bob, 20, "after")
+        assert server.proc.poll() is None
+        reloads = [e for e in server.log_events() if e["event"] == "reloaded"]
+        assert 1 <= len(reloads) <= 100
+        assert status(server)["users"] == 2
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_log_on_a_full_disk(make_chatd):
+    server = make_chatd({"log": {"file": "/dev/full"}})
+    alice, bob = pair(server)
+    try:
+        exchange(alice, bob, 20, "full")
+        assert chatctl(server, "who").returncode == 0
+    finally:
+        alice.close()
+        bob.close()
+
+
+def _logged_after_joining(server, tag: str) -> bool:
+    """Make a log line happen (a login) and see whether it reached the file at log.file."""
+    user = UdpUser(server.addr)
+    try:
+        user.join(tag)
+        user.quit()
+    finally:
+        user.close()
+    try:
+        return f'"{tag}"' in server.log_path.read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_log_file_deleted_is_recreated(make_chatd):
+    server = make_chatd({"log": {"level": "info"}})
+    server.log_path.unlink()
+    counter = iter(range(1000))
+    wait_for(lambda: _logged_after_joining(server, f"after_delete{next(counter)}"),
+             timeout=15, what="logging to a new file")
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
+@pytest.mark.parametrize("mode", ["create", "copytruncate"])
+def test_logrotate(make_chatd, tmp_path, mode):
+    server = make_chatd({"log": {"level": "info"}})
+    assert _logged_after_joining(server, "before_rotation")
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"{server.log_path} {{\n  rotate 2\n  {mode}\n  missingok\n}}\n")
+    subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)], check=True,
+                   timeout=30)
+    rotated = Path(f"{server.log_path}.1")
+    assert "before_rotation" in rotated.read_text()
+    counter = iter(range(1000))
+    wait_for(lambda: _logged_after_joining(server, f"after_rotation{next(counter)}"),
+             timeout=15, what="logging to the new file")
+    new_lines = server.log_path.read_text()
+    assert "\0" not in new_lines  # copytruncate: no hole before the new lines
+    assert "before_rotation" not in new_lines
+    assert "after_rotation" not in rotated.read_text()
+
+
+def test_runtime_dir_removed_while_running(make_chatd):
+    server = make_chatd()
+    alice, bob = pair(server)
+    try:
+        shutil.rmtree(server.runtime_dir)
+        exchange(alice, bob, 5, "wiped")
+        wait_for(lambda: chatctl(server, "who").returncode == 0, timeout=15,
+                 what="the control socket to be recreated")
+        assert (server.runtime_dir / "control.fifo").exists()
+        assert any(e["event"] == "control_files_recreated" for e in server.log_events())
+    finally:
+        alice.close()
+        bob.close()
+
+
+@pytest.mark.skipif(FAKETIME is None, reason="libfaketime is not installed")
+@pytest.mark.timeout(90)
+def test_wall_clock_jumps_do_not_expire_sessions(make_chatd, tmp_path):
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    server = make_chatd({"room": {"session_timeout": 5}}, env={
+        "LD_PRELOAD": str(FAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1"})
+    alice, bob = pair(server)
+    try:
+        assert alice.ping() == b"PONG" and bob.ping() == b"PONG"
+        for jump in ("+3d", "-3d", "+0"):
+            offset.write_text(jump + "\n")
+            # the server's own monotonic uptime shows two of its 1-second ticks have run
+            started = status(server)["uptime"]
+            wait_for(lambda start=started: status(server)["uptime"] - start > 2.2, timeout=10,
+                     what="two ticks of the server")
+            assert alice.ping() == b"PONG" and bob.ping() == b"PONG"
+            exchange(alice, bob, 1, f"jump{jump}")
+        assert status(server)["users"] == 2
+    finally:
+        alice.close()
+        bob.close()
