@@ -158,6 +158,8 @@ def _mode(value: Any) -> int:
 
 
 def _mapping(value: Any) -> dict:
+    if value is None:  # "plugins:" with nothing after it
+        return {}
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping, got {value!r}")
     return value

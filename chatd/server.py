@@ -9,6 +9,7 @@ handled between datagrams, never inside a handler.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import selectors
@@ -340,10 +341,9 @@ class Server:
         for key in config_mod.restart_only_changes(self.settings, new):
             log.warning("reload_needs_restart", key=key,
                         kept=config_mod.as_flat_dict(self.settings)[key])
-        kept = {section: getattr(self.settings, section)
-                for section in ("listen", "daemon", "control")}
-        merged = Settings(**{**{f: getattr(new, f) for f in new.__dataclass_fields__},
-                             **kept, "runtime_dir": self.settings.runtime_dir})
+        old = self.settings
+        merged = dataclasses.replace(new, listen=old.listen, daemon=old.daemon,
+                                     control=old.control, runtime_dir=old.runtime_dir)
         try:
             log_mod.configure(merged.log)
         except OSError as exc:

@@ -3,7 +3,7 @@
 import signal
 
 import pytest
-from helpers import UdpUser
+from helpers import UdpUser, wait_for
 
 
 def test_login_chat_fanout_and_quit(users):
@@ -164,7 +164,12 @@ def test_logs_are_json_lines_with_the_required_fields(users, chatd):
     alice = users("alice")
     alice.say("secret words")
     alice.quit()
-    events = chatd.log_events()
+
+    def events_through_user_left():  # EXIT is sent before the event is logged
+        events = chatd.log_events()
+        return events if any(e["event"] == "user_left" for e in events) else None
+
+    events = wait_for(events_through_user_left, what="user_left in the log")
     started = next(e for e in events if e["event"] == "server_started")
     assert started["port"] == chatd.port and started["pid"] == chatd.proc.pid
     assert started["timestamp"].endswith("Z") and started["level"] == "info"

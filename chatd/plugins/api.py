@@ -1,0 +1,116 @@
+"""What a plugin may do to the room: the whole of it, on purpose small.
+
+Each plugin gets its own :class:`RoomAPI`, carrying its name, options,
+logger and counters, so that nothing a plugin does needs the server's or the
+room's internals, and those can change without breaking plugins. Everything
+sent here is queued and goes out when the hook returns.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import structlog
+
+from chatd.room import Addr, Room, TextTooLong
+
+__all__ = ["RoomAPI", "TextTooLong", "User"]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A person in the room, as a plugin sees them (a copy: changing it changes nothing)."""
+
+    name: str
+    addr: Addr
+
+
+class RoomAPI:
+    """The room as one plugin sees it.
+
+    ``name``: the plugin's name. ``options``: its options, defaults filled in
+    (read-only; replaced on reload). ``log``: a structlog logger that adds
+    ``plugin=<name>`` to every event. ``counters``: numbers ``chatctl plugins``
+    shows (bump them with :meth:`count`).
+    """
+
+    def __init__(self, name: str, room: Room, options: Mapping[str, Any],
+                 commands: Callable[[], dict[str, str]],
+                 rewrite: Callable[[str, str], str | None]):
+        self.name = name
+        self.options: Mapping[str, Any] = MappingProxyType(dict(options))
+        self.log = structlog.get_logger("chatd", plugin=name)
+        self.counters: Counter[str] = Counter()
+        self._room = room
+        self._commands = commands
+        self._rewrite = rewrite
+
+    # -- who is there ----------------------------------------------------------
+
+    def users(self) -> list[str]:
+        """The names in the room, in the order they joined."""
+        return [s.name for s in self._room.sessions()]
+
+    def user(self, name: str) -> User | None:
+        """The person called ``name`` (compared as the room compares names), or None."""
+        session = self._room.session(name)
+        return None if session is None else User(session.name, session.addr)
+
+    def __len__(self) -> int:
+        return len(self._room)
+
+    # -- saying things ---------------------------------------------------------
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest datagram the room sends; longer texts raise :class:`TextTooLong`."""
+        return self._room.settings.max_datagram
+
+    def send(self, name: str, text: str) -> bool:
+        """Queue ``text`` for one person; False when nobody has that name.
+
+        Raises :class:`TextTooLong` when ``text`` exceeds :attr:`max_bytes`
+        encoded; start texts with ``"\\n"`` as the room's own do.
+        """
+        return self._room.send(name, text)
+
+    def broadcast(self, text: str, exclude: Iterable[str] = ()) -> None:
+        """Queue ``text`` for everybody but the names in ``exclude``; may raise TextTooLong."""
+        self._room.broadcast(text, exclude)
+
+    def kick(self, name: str, reason: str) -> bool:
+        """Remove a person (they are told ``reason``); False when nobody has that name.
+
+        Kicking the sender from ``chatd_message`` does not stop the line:
+        return ``False`` as well to drop it.
+        """
+        return self._room.queue_kick(name, reason)
+
+    def render(self, template: str, **fields: Any) -> str:
+        """One of the room's templates (``chat``, ``joined``, ...) in the configured locale."""
+        return self._room.render(template, **fields)
+
+    def rewrite(self, name: str, text: str) -> str | None:
+        """``text`` as the room's ``chatd_message`` plugins leave it; None when one dropped it.
+
+        For commands that carry a line of chat (``/me``, ``/msg``), so that
+        word filters and rate limits apply to those lines too.
+        """
+        return self._rewrite(name, text)
+
+    # -- the other plugins, and bookkeeping --------------------------------------
+
+    def commands(self) -> dict[str, str]:
+        """Every command the enabled plugins offer, command -> one-line usage."""
+        return self._commands()
+
+    def count(self, key: str, amount: int = 1) -> None:
+        """Add to one of this plugin's counters (shown by ``chatctl plugins``)."""
+        self.counters[key] += amount
+
+    def _set_options(self, options: Mapping[str, Any]) -> None:
+        self.options = MappingProxyType(dict(options))

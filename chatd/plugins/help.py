@@ -1,0 +1,32 @@
+"""``/help``: every command the enabled plugins offer.
+
+A plugin rather than a room rule, so that it is one more example of the
+plugin API, and so that a room can replace it with its own.
+"""
+
+from __future__ import annotations
+
+from chatd.plugins.base import Plugin
+from chatd.plugins.markers import hookimpl
+from chatd.plugins.text import pack
+
+
+class Help(Plugin):
+    enabled_by_default = True
+
+    @hookimpl
+    def chatd_commands(self) -> dict[str, str]:
+        return {"help": "/help - list the commands"}
+
+    @hookimpl
+    def chatd_command(self, name: str, command: str) -> bool | None:
+        if command != "help":
+            return None
+        commands = self.room.commands()
+        lines = ["commands:", *(commands[c] for c in sorted(commands))]
+        for text in pack(lines, self.room.max_bytes, "\n"):
+            self.room.send(name, text)
+        return True
+
+
+PLUGIN = Help

@@ -1,0 +1,113 @@
+"""The hooks a chatd plugin may implement.
+
+Each function documents one hook; a plugin implements any subset of them as
+methods marked with :data:`chatd.plugins.hookimpl` and may accept only the
+arguments it needs. chatd calls every implementation under its own guard
+(an exception is logged and counts as "no answer"), so the return values
+below are the whole contract.
+
+``room`` is always the plugin's own :class:`chatd.plugins.api.RoomAPI`.
+Names are the names people logged in with, as the room knows them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatd.plugins.api import RoomAPI
+from chatd.plugins.markers import hookspec
+
+# -- life cycle (called for one plugin at a time) ------------------------------
+
+
+@hookspec
+def chatd_startup(room: RoomAPI) -> None:
+    """The plugin is on: at server start, or when a reload turned it on.
+
+    Open files and databases here rather than in ``__init__``: what is sent
+    here goes out before the room serves anybody.
+    """
+
+
+@hookspec
+def chatd_shutdown(room: RoomAPI) -> None:
+    """The plugin is going off: server stop, a reload that turned it off,
+    or too many failures. The people are still in the room when the server
+    stops, so a goodbye sent here reaches them.
+    """
+
+
+@hookspec
+def chatd_reconfigure(room: RoomAPI) -> None:
+    """The configuration was reloaded; ``room.options`` has this plugin's options,
+    changed or not. Re-read files here (a message of the day, say).
+
+    Optional: a plugin without it is restarted instead when its options
+    changed (shutdown, a new instance, startup), losing what it kept in memory.
+    """
+
+
+@hookspec
+def chatd_commands() -> dict[str, str]:
+    """The slash commands this plugin answers, ``{"who": "/who - list the users"}``.
+
+    Asked once when the plugin starts (and after a reconfiguration); ``/help``
+    and ``chatctl plugins`` show them.
+    """
+    return {}
+
+
+# -- the chat (called for every plugin that implements them) -------------------
+
+
+@hookspec(firstresult=True)
+def chatd_login(name: str, addr: Any) -> str | None:
+    """Someone wants to join as ``name`` from ``addr`` (what ``recvfrom`` gave).
+
+    The room's own rules (valid name, not taken, room not full) have passed.
+    Return a text to refuse (it is sent to ``addr`` as it is, so start it with
+    ``"\\n"``); ``None`` lets the next plugin decide. The first refusal wins.
+    """
+
+
+@hookspec
+def chatd_joined(name: str) -> None:
+    """``name`` is in the room and has had its ``OK``: whatever is sent to it
+    now (a message of the day, history) arrives after that ``OK``.
+    """
+
+
+@hookspec
+def chatd_message(name: str, text: str) -> str | bool | None:
+    """A chat line on its way to the room.
+
+    Return ``None`` to leave it alone, a new text to rewrite it, or ``False``
+    to drop it (nobody sees it, later plugins are not asked). Plugins are
+    asked in turn, each seeing the text as the previous one left it;
+    ``tryfirst=True`` puts a plugin ahead (rate limits, say). Called for every
+    line, so keep it cheap.
+    """
+
+
+@hookspec(firstresult=True)
+def chatd_command(name: str, command: str, args: str) -> bool | None:
+    """A slash command: ``/msg bob hi`` is ``command="msg"``, ``args="bob hi"``.
+
+    ``command`` is lower case; ``args`` is everything after the first space,
+    verbatim. Return ``True`` when this plugin handled it (answer with
+    ``room.send``), ``None`` otherwise; when nobody handles it the sender is
+    told the command is unknown.
+    """
+
+
+@hookspec
+def chatd_said(name: str, text: str) -> None:
+    """A chat line went out to the room, as it was finally sent (after rewrites)."""
+
+
+@hookspec
+def chatd_left(name: str, reason: str) -> None:
+    """``name`` is out of the room: ``reason`` is ``quit``, ``timeout`` or ``kicked``.
+
+    Not called at server stop (``chatd_shutdown`` is).
+    """

@@ -1,0 +1,35 @@
+"""Packing texts into datagrams: lists of users or commands can outgrow one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` shortened to ``limit`` bytes of UTF-8, never inside a character."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def pack(parts: Iterable[str], limit: int, sep: str = "\n") -> list[str]:
+    """Join ``parts`` with ``sep`` into texts that start with ``"\\n"`` and fit in ``limit`` bytes.
+
+    A part is never split across two texts; one too long on its own is cut.
+    """
+    out: list[str] = []
+    current: list[str] = []
+    size = 0
+    sep_size = len(sep.encode())
+    for part in parts:
+        part = cut(part, limit - 1)
+        part_size = len(part.encode())
+        if current and size + sep_size + part_size > limit:
+            out.append("\n" + sep.join(current))
+            current, size = [], 0
+        size += part_size + (sep_size if current else 1)  # 1: the leading "\n"
+        current.append(part)
+    if current:
+        out.append("\n" + sep.join(current))
+    return out

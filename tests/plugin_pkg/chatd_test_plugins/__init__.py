@@ -1,0 +1,1 @@
+"""Plugins used by chatd's tests; see tests/test_plugins.py."""

@@ -1,0 +1,282 @@
+"""Plugins through real UDP against ``chatd run``: built-ins, a third-party package
+loaded from its entry point, a broken plugin, reload and restart.
+
+The third-party plugins live in tests/plugin_pkg, a package of their own that
+is pip-installed (editable) into this interpreter's environment when missing,
+so that they are found exactly as an operator's would be.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import CHATD, ChatdProcess, UdpUser, write_config
+
+PKG = Path(__file__).parent / "plugin_pkg"
+
+_PROBE = """
+import importlib.metadata as m
+names = {e.name for e in m.entry_points(group="chatd.plugins")}
+import chatd_test_plugins
+print(chatd_test_plugins.__file__ if {"shout", "broken"} <= names else "")
+"""
+
+
+def _plugin_pkg_installed() -> bool:
+    """Asked of a fresh interpreter: the servers are fresh interpreters too."""
+    found = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True)
+    path = found.stdout.strip()
+    return found.returncode == 0 and bool(path) and Path(path).resolve().is_relative_to(
+        PKG.resolve())
+
+
+@pytest.fixture(scope="module")
+def plugin_pkg() -> None:
+    """tests/plugin_pkg installed in this environment (once; a lock serialises parallel runs)."""
+    if _plugin_pkg_installed():
+        return
+    with open(Path(tempfile.gettempdir()) / "chatd-test-plugin-pkg.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _plugin_pkg_installed():
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            "-e", str(PKG)], check=True)
+    assert _plugin_pkg_installed(), "tests/plugin_pkg did not install"
+
+
+@pytest.fixture
+def people() -> Iterator[Callable[..., list[UdpUser]]]:
+    """``people(server, "alice", "bob")``: joined users whose join notices are read."""
+    made: list[UdpUser] = []
+
+    def join(server: ChatdProcess, *names: str) -> list[UdpUser]:
+        users = [UdpUser(server.addr).join(name) for name in names]
+        made.extend(users)
+        for user in users:
+            user.ping()  # reads (and discards) the "X joined" notices before its PONG
+        return users
+
+    yield join
+    for user in made:
+        user.close()
+
+
+def next_is_pong(user: UdpUser) -> None:
+    """Nothing was queued for ``user`` but the answer to this ping (a barrier and a check)."""
+    user.send(f"P {user.name}")
+    assert user.recv() == b"PONG"
+
+
+# -- the built-in commands, and a third-party plugin from its entry point ------------------
+
+
+def test_who_me_msg_help(make_chatd, people, plugin_pkg):
+    server = make_chatd({"plugins": {"shout": {"lines": False}}})
+    alice, bob, carol = people(server, "alice", "bob", "carol")
+
+    alice.say("/who")
+    assert alice.recv_text() == "\nin the room (3): alice bob carol"
+    next_is_pong(alice)
+    next_is_pong(bob)  # the answer goes to the asker only
+
+    alice.say("/me waves")
+    assert bob.recv_text() == "\n* alice waves"
+    assert carol.recv_text() == "\n* alice waves"
+    next_is_pong(alice)
+
+    alice.say("/msg Bob meet me at 5")
+    assert bob.recv_text() == "\nalice says to you: meet me at 5"
+    next_is_pong(alice)
+    next_is_pong(carol)
+
+    alice.say("/msg nobody hello?")
+    assert alice.recv_text() == "\nno one called nobody is in the room"
+
+    alice.say("/help")
+    help_text = alice.recv_text()
+    assert help_text.startswith("\ncommands:\n")
+    for usage in ("/help - ", "/me ACTION - ", "/msg NAME TEXT - ", "/who - ",
+                  "/shout TEXT - "):
+        assert usage in help_text
+
+    alice.say("/frobnicate")
+    assert alice.recv_text() == "\nunknown command /frobnicate (try /help)"
+
+
+def test_third_party_plugin_loads_from_yaml(make_chatd, people, plugin_pkg):
+    server = make_chatd({"plugins": {"shout": {"prefix": ">> "}}})
+    alice, bob = people(server, "alice", "bob")
+    alice.say("hello there")
+    assert bob.recv_text() == "\nalice says: HELLO THERE"
+    alice.say("/shout hi all")
+    assert bob.recv_text() == "\n>> ALICE: HI ALL"
+    assert alice.recv_text() == "\n>> ALICE: HI ALL"
+    enabled = [e for e in server.log_events() if e["event"] == "plugin_enabled"]
+    assert {"plugin": "shout", "source": "chatd-test-plugins 0.1.0"}.items() <= next(
+        e for e in enabled if e["plugin"] == "shout").items()
+
+
+# -- motd and history ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["text", "file"])
+def test_motd_follows_ok(make_chatd, tmp_path, source):
+    message = "welcome to the room\nbe nice"
+    if source == "file":
+        (tmp_path / "motd.txt").write_text(message + "\n")
+        options = {"file": str(tmp_path / "motd.txt")}
+    else:
+        options = {"text": message}
+    server = make_chatd({"plugins": {"motd": options}})
+    user = UdpUser(server.addr)
+    try:
+        assert user.login("alice") == b"OK"
+        assert user.recv_text() == "\nwelcome to the room\nbe nice"
+        next_is_pong(user)
+    finally:
+        user.close()
+
+
+def test_history_replays_after_ok_and_survives_a_restart(make_chatd, people, tmp_path):
+    overrides = {"plugins": {"history": {"size": 3, "path": str(tmp_path / "history.db")}}}
+    first = make_chatd(overrides)
+    (alice,) = people(first, "alice")
+    for i in range(5):
+        alice.say(f"line {i}")
+    alice.ping()
+    bob = UdpUser(first.addr)
+    try:
+        assert bob.login("bob") == b"OK"
+        assert [bob.recv_text() for _ in range(3)] == [
+            "\nalice says: line 2", "\nalice says: line 3", "\nalice says: line 4"]
+        next_is_pong(bob)
+    finally:
+        bob.close()
+    assert first.stop() == 0
+
+    second = make_chatd(overrides)
+    carol = UdpUser(second.addr)
+    try:
+        assert carol.login("carol") == b"OK"
+        assert [carol.recv_text() for _ in range(3)] == [
+            "\nalice says: line 2", "\nalice says: line 3", "\nalice says: line 4"]
+        next_is_pong(carol)
+    finally:
+        carol.close()
+
+
+# -- ratelimit -------------------------------------------------------------------------------
+
+
+def test_ratelimit_drops_excess_lines_and_logins(make_chatd, people):
+    server = make_chatd({"plugins": {"ratelimit": {
+        "exempt": [], "line_burst": 3, "lines_per_second": 0.01,
+        "login_burst": 3, "logins_per_minute": 0.01}}})
+    alice, bob = people(server, "alice", "bob")
+    for i in range(6):
+        alice.say(f"flood {i}")
+    assert [bob.recv_text() for _ in range(3)] == [
+        "\nalice says: flood 0", "\nalice says: flood 1", "\nalice says: flood 2"]
+    assert alice.recv_text() == "\nslow down: some of your lines were not sent"
+    next_is_pong(alice)  # one warning per burst, not one per dropped line
+    next_is_pong(bob)
+
+    (carol,) = people(server, "carol")  # the third login from 127.0.0.1 is within the burst
+    dave = UdpUser(server.addr)
+    try:
+        assert dave.login("dave") == b"\ntoo many logins from your address, try again later"
+    finally:
+        dave.close()
+    next_is_pong(carol)
+
+
+def test_ratelimit_is_on_by_default_and_can_be_turned_off(make_chatd):
+    on = make_chatd()
+    off = make_chatd({"plugins": {"ratelimit": False}})
+    on_events = {e["plugin"] for e in on.log_events() if e["event"] == "plugin_enabled"}
+    off_events = {e["plugin"] for e in off.log_events() if e["event"] == "plugin_enabled"}
+    assert on_events == {"ratelimit", "who", "me", "msg", "help"}
+    assert off_events == {"who", "me", "msg", "help"}
+
+
+# -- isolation -------------------------------------------------------------------------------
+
+
+def test_broken_plugin_is_logged_disabled_and_the_room_works(make_chatd, people, plugin_pkg):
+    server = make_chatd({"plugins": {"broken": True}})
+    alice, bob = people(server, "alice", "bob")
+    for text in ("hello", "still here"):
+        alice.say(text)
+        assert bob.recv_text() == f"\nalice says: {text}"
+    alice.say("/who")
+    assert alice.recv_text() == "\nin the room (2): alice bob"
+    bob.quit()
+    assert alice.recv_text() == "\nbob left the room"
+
+    events = server.log_events()
+    failed = [e for e in events if e["event"] == "plugin_failed"]
+    assert failed and all(e["plugin"] == "broken" for e in failed)
+    assert "BrokenOnPurpose: startup" in failed[0]["traceback"]
+    (disabled,) = [e for e in events if e["event"] == "plugin_disabled"]
+    assert (disabled["plugin"], disabled["reason"], disabled["failures"]) == (
+        "broken", "failures", 5)
+    assert len(failed) == 6  # five in a row, then the shutdown it was given on the way out
+
+
+# -- reload ------------------------------------------------------------------------------------
+
+
+def test_reload_enables_wordfilter_and_disables_who_without_dropping_anyone(
+        make_chatd, people):
+    server = make_chatd()
+    alice, bob = people(server, "alice", "bob")
+    alice.say("darn it")
+    assert bob.recv_text() == "\nalice says: darn it"
+
+    write_config(server.directory, {"plugins": {"wordfilter": {"words": ["darn"]},
+                                                "who": False}}, port=server.port)
+    server.reload()
+
+    alice.say("Darn it, darned DARN")
+    assert bob.recv_text() == "\nalice says: **** it, darned ****"
+    alice.say("/who")
+    assert alice.recv_text() == "\nunknown command /who (try /help)"
+    next_is_pong(alice)  # a PONG only answers a session: both are still in
+    next_is_pong(bob)
+    events = server.log_events()
+    assert not [e for e in events if e["event"] == "user_left"]
+    assert {(e["plugin"], e["reason"]) for e in events if e["event"] == "plugin_disabled"} == {
+        ("who", "config")}
+
+
+# -- configuration errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("plugins", "key", "words"), [
+    ({"nope": True}, "plugins.nope", "unknown plugin"),
+    ({"history": {"size": "many"}}, "plugins.history.size", "expected an integer"),
+    ({"history": {"sizes": 3}}, "plugins.history.sizes", "unknown option"),
+    ({"shout": {"lines": "yes"}}, "plugins.shout.lines", "expected true or false"),
+])
+def test_check_config_rejects_bad_plugin_settings(tmp_path, plugin_pkg, plugins, key, words):
+    path = tmp_path / "chatd.yaml"
+    path.write_text(yaml.safe_dump({"plugins": plugins}))
+    done = subprocess.run([*CHATD, "check-config", "-c", str(path)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2, done.stdout
+    assert f": {key}: " in done.stderr and words in done.stderr
+    assert "line " in done.stderr
+
+
+def test_check_config_accepts_third_party_options(tmp_path, plugin_pkg):
+    path = write_config(tmp_path, {"plugins": {"shout": {"lines": False}, "history": True}})
+    done = subprocess.run([*CHATD, "check-config", "-c", str(path)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "shout:" in done.stdout
