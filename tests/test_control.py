@@ -257,3 +257,13 @@ def test_graceful_stop_removes_socket_and_fifo_and_reaps_the_child(make_chatd):
     assert not (server.runtime_dir / "control.fifo").exists()
     assert not (server.runtime_dir / "chatd.pid").exists()
     assert state_of(child) is None  # reaped by the daemon, not a zombie
+
+
+def test_plugins_lists_state_and_failures(make_chatd):
+    server = make_chatd({"plugins": {"wordfilter": {"words": ["darn"]}, "ratelimit": False}})
+    plugins = {p["name"]: p for p in chatctl_json(server, "plugins")}
+    assert plugins["wordfilter"]["enabled"] and plugins["who"]["enabled"]
+    assert not plugins["ratelimit"]["enabled"] and plugins["ratelimit"]["reason"] == "config"
+    assert all("failures" in p and "calls" in p for p in plugins.values())
+    human = chatctl(server, "plugins").stdout
+    assert "wordfilter" in human and "off (config)" in human

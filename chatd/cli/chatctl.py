@@ -106,9 +106,9 @@ def _status(status: dict[str, Any]) -> str:
 def _plugins(plugins: list[dict[str, Any]]) -> str:
     if not plugins:
         return "no plugins"
-    rows = [("PLUGIN", "STATE", "FAILURES", "CALLS")] + [
-        (p["name"], p.get("state", "enabled" if p.get("enabled") else "disabled"),
-         str(p.get("failures", 0)), str(p.get("calls", 0))) for p in plugins]
+    rows = [("PLUGIN", "STATE", "FAILURES", "CALLS", "HOOK TIME")] + [
+        (p["name"], "on" if p["enabled"] else f"off ({p['reason']})", str(p["failures"]),
+         str(p["calls"]), f"{p['seconds'] * 1000:.1f}ms") for p in plugins]
     return _table(rows)
 
 
