@@ -58,6 +58,19 @@ class AdminSupervisor:
     def start(self) -> None:
         """Fork the first child and wait until it serves; raises :class:`AdminStartError`."""
         self._spawn()
+        try:
+            first = self._first_message()
+            if first.get("event") != "ready":
+                raise AdminStartError(first.get("error", "the admin child failed"))
+        except AdminStartError:
+            self._abandon_child()
+            raise
+        self.server.watch(self.channel, selectors.EVENT_READ, self._on_channel)
+        self.server.on_child_exit = self.reap
+        self.server.on_tick.append(self._maybe_respawn)
+        self.server.on_shutdown.append(self.stop)
+
+    def _first_message(self) -> dict[str, Any]:
         assert self.channel is not None
         self.channel.settimeout(FIRST_READY_TIMEOUT)
         try:
@@ -71,14 +84,16 @@ class AdminSupervisor:
         finally:
             self.channel.setblocking(False)
         line, self._inbox = self._inbox.split(b"\n", 1)
-        first = json.loads(line)
-        if first.get("event") != "ready":
+        return json.loads(line)
+
+    def _abandon_child(self) -> None:
+        """A first child that did not serve: end it, reap it, and leave no files behind."""
+        self._stopping = True
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
             self._reap(block=True)
-            raise AdminStartError(first.get("error", "the admin child failed"))
-        self.server.watch(self.channel, selectors.EVENT_READ, self._on_channel)
-        self.server.on_child_exit = self.reap
-        self.server.on_tick.append(self._maybe_respawn)
-        self.server.on_shutdown.append(self.stop)
+        control.remove_stale_files(self.server.settings.control)
 
     def _spawn(self) -> None:
         parent_end, child_end = socket.socketpair()

@@ -356,31 +356,35 @@ def load(path: str | None) -> Settings:
     return parse(text, source=path)
 
 
-def locate(path: str | None) -> tuple[str, str]:
-    """(runtime_dir, control socket) of the daemon that ``path`` configures.
+def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
+    """Settings good enough to find a running daemon's files, and the error if the file
+    does not validate.
 
-    Lenient on purpose: ``chatctl reload`` and ``chatd reload`` must reach the
-    daemon to hear what is wrong with a file that no longer validates.
+    Lenient on purpose: ``chatd stop``, ``status`` and ``reload`` (and ``chatctl``)
+    must still reach the daemon after someone broke its file: reload, to hear
+    what is wrong with it; stop, to stop it anyway. Only ``runtime_dir`` and
+    ``control.socket``/``control.fifo`` are taken from an invalid file.
     """
     try:
-        settings = load(path)
-        return settings.runtime_dir, settings.control.socket
-    except ConfigError:
+        return load(path), None
+    except ConfigError as exc:
         if path is None:
             raise
+        error = exc
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        raise ConfigError(f"{path}: cannot find the runtime_dir in this file") from None
+        raise error from None
     raw = raw if isinstance(raw, dict) else {}
     control = raw.get("control") if isinstance(raw.get("control"), dict) else {}
-    runtime_dir = raw.get("runtime_dir")
-    runtime_dir = os.path.abspath(runtime_dir if isinstance(runtime_dir, str)
-                                  else default_runtime_dir())
-    socket = control.get("socket")
-    if not isinstance(socket, str):
-        socket = os.path.join(runtime_dir, "control.sock")
-    return runtime_dir, socket
+    wanted: dict[str, Any] = {"control": {k: control[k] for k in ("socket", "fifo")
+                                          if isinstance(control.get(k), str)}}
+    if isinstance(raw.get("runtime_dir"), str):
+        wanted["runtime_dir"] = raw["runtime_dir"]
+    try:
+        return from_mapping(wanted, source=path), error
+    except ConfigError:
+        raise error from None
 
 
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:

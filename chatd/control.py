@@ -208,6 +208,13 @@ def _open_fifo(path: str, gid: int | None) -> int:
     return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
+def remove_stale_files(settings: ControlSettings) -> None:
+    """Remove the socket and FIFO unless a live process serves that socket."""
+    if os.path.lexists(settings.socket) and _socket_is_live(settings.socket):
+        return
+    remove_files(settings)
+
+
 def remove_files(settings: ControlSettings) -> None:
     for path in (settings.socket, settings.fifo):
         with contextlib.suppress(FileNotFoundError):

@@ -142,16 +142,20 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
 
 
 def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int:
-    """The daemon proper, shared by ``run`` and ``start``."""
-    drop_privileges(prepared.identity)
-    prepared.pidfile.write(os.getpid())
-    # A forked child (the admin child) would share the lock and keep "running" true
-    # after the daemon was killed or had stopped; only the daemon may hold it.
-    os.register_at_fork(after_in_child=prepared.pidfile.forget)
-    server = Server(prepared.settings, prepared.sock, notifier=notifier,
-                    config_path=prepared.config_path)
-    server.install_signals()
+    """The daemon proper, shared by ``run`` and ``start``.
+
+    Releasing the pidfile is its very last act: ``stop`` returns, and ``restart``
+    binds the port again, the moment the lock is free.
+    """
     try:
+        drop_privileges(prepared.identity)
+        prepared.pidfile.write(os.getpid())
+        # A forked child (the admin child) would share the lock and keep "running" true
+        # after the daemon was killed or had stopped; only the daemon may hold it.
+        os.register_at_fork(after_in_child=prepared.pidfile.forget)
+        server = Server(prepared.settings, prepared.sock, notifier=notifier,
+                        config_path=prepared.config_path)
+        server.install_signals()
         from chatd.admin import AdminStartError, AdminSupervisor
 
         server.admin = AdminSupervisor(server, read_terminal=on_ready is None and _stdin_is_tty())
@@ -163,6 +167,7 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
             server.on_ready.append(on_ready)
         return server.serve()
     finally:
+        prepared.sock.close()  # the port first: it must be free once the lock is
         prepared.pidfile.release()
 
 
@@ -328,7 +333,7 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
         if daemon_pid is not None:
             _kill_quietly(daemon_pid, signal.SIGKILL)
     if _wait_unlocked(settings.pidfile, 5.0):
-        _remove_stale(settings.pidfile)  # a killed or crashed daemon could not remove it
+        _remove_stale(settings)  # a killed or crashed daemon could not remove it
     _reap_children()
     print(f"chatd: {outcome.removeprefix('ERROR ')}", file=sys.stderr)
     return 1
@@ -375,7 +380,7 @@ def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
     if kill:
         _kill_quietly(found.pid, signal.SIGKILL)
         if _wait_unlocked(settings.pidfile, 5.0):
-            _remove_stale(settings.pidfile)
+            _remove_stale(settings, control_files=True)
             print(f"chatd killed (pid {found.pid}) after {timeout:g} s")
             return 0
     print(f"chatd: pid {found.pid} did not stop within {timeout:g} s"
@@ -383,18 +388,26 @@ def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
     return 1
 
 
-def _remove_stale(path: str) -> None:
-    """Remove a pidfile nobody holds, after SIGKILL left it: status should say "stopped".
+def _remove_stale(settings: Settings, control_files: bool = False) -> None:
+    """Remove what a SIGKILLed daemon left: its pidfile, so that status says "stopped",
+    and (``control_files``: it was ours, it served them) the control socket and FIFO.
 
-    Taking the lock first makes this safe against a daemon starting meanwhile:
-    release() only removes the file if it is still the one we locked.
+    Holding the pidfile lock meanwhile makes this safe against a daemon starting at
+    the same moment: it cannot get past acquire(), and release() only removes the
+    pidfile if it is still the one we locked.
     """
-    stale = PidFile(path)
+    stale = PidFile(settings.pidfile)
     try:
         stale.acquire()
     except (pidfile_mod.AlreadyRunning, OSError):
         return
-    stale.release()
+    try:
+        if control_files:
+            from chatd import control
+
+            control.remove_files(settings.control)
+    finally:
+        stale.release()
 
 
 def process_uptime(pid: int) -> float | None:
@@ -458,13 +471,13 @@ def status(settings: Settings) -> int:
     return 0
 
 
-def reload(runtime_dir: str, control_socket: str) -> int:
+def reload(settings: Settings) -> int:
     """Through the control channel when it answers (so errors are shown), else SIGHUP."""
-    found = pidfile_mod.probe(os.path.join(runtime_dir, "chatd.pid"))
+    found = pidfile_mod.probe(settings.pidfile)
     if found.state is not State.RUNNING or found.pid is None:
         print("chatd: not running", file=sys.stderr)
         return 3
-    answer = _control_request(control_socket, "reload")
+    answer = _control_request(settings.control.socket, "reload")
     if answer is not None:
         if answer.get("ok"):
             print(f"chatd reloaded (pid {found.pid})")

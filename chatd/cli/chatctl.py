@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.socket
     else:
         try:
-            _, path = config_mod.locate(config_mod.config_path(args.config))
+            path = config_mod.locate(config_mod.config_path(args.config))[0].control.socket
         except config_mod.ConfigError as exc:
             print(f"chatctl: config error: {exc}", file=sys.stderr)
             return EXIT_USAGE

@@ -76,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = config_mod.config_path(args.config)
     try:
-        if args.command == "reload":  # the daemon itself says what is wrong with the file
-            runtime_dir, socket = config_mod.locate(path)
-            return daemon.reload(runtime_dir, socket)
-        settings = config_mod.load(path)
+        if args.command in ("stop", "status", "reload"):
+            # a broken file must not keep anyone from stopping or asking the daemon;
+            # on reload the daemon itself says what is wrong with it
+            settings, problem = config_mod.locate(path)
+            if problem is not None and args.command != "reload":
+                print(f"chatd: warning: {problem}", file=sys.stderr)
+        else:
+            settings = config_mod.load(path)
     except config_mod.ConfigError as exc:
         print(f"chatd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return daemon.start(settings, path)
     if args.command == "stop":
         return daemon.stop(settings, args.timeout, args.kill)
+    if args.command == "reload":
+        return daemon.reload(settings)
     if args.command == "restart":
         stopped = daemon.stop(settings, args.timeout, args.kill)
         return stopped if stopped != 0 else daemon.start(settings, path)
