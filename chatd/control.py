@@ -217,7 +217,7 @@ def remove_stale_files(settings: ControlSettings) -> None:
 
 def remove_files(settings: ControlSettings) -> None:
     for path in (settings.socket, settings.fifo):
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.unlink(path)
 
 

@@ -163,12 +163,21 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
             server.admin.start()
         except AdminStartError as exc:
             raise StartError(str(exc)) from None
+        server.on_tick.append(lambda now: _keep_pidfile(prepared.pidfile))
         if on_ready is not None:
             server.on_ready.append(on_ready)
         return server.serve()
     finally:
         prepared.sock.close()  # the port first: it must be free once the lock is
         prepared.pidfile.release()
+
+
+def _keep_pidfile(pidfile: PidFile) -> None:
+    try:
+        if pidfile.keep_published(os.getpid()):
+            log.warning("pidfile_recreated", pidfile=pidfile.path)
+    except OSError as exc:
+        log.error("pidfile_lost", pidfile=pidfile.path, error=exc.strerror)
 
 
 def _stdin_is_tty() -> bool:
@@ -189,7 +198,12 @@ def run_foreground(settings: Settings, config_path: str | None) -> int:
         return 1
     notifier = systemd.Notifier()
     systemd.forget_environment()
-    return _serve(prepared, notifier)
+    try:
+        return _serve(prepared, notifier)
+    except StartError as exc:
+        log.error("start_failed", error=str(exc))
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
 
 
 # -- chatd start ----------------------------------------------------------------

@@ -131,6 +131,17 @@ class PidFile:
         os.close(self.fd)
         self.fd = fd
 
+    def keep_published(self, pid: int) -> bool:
+        """Write the pidfile again if it vanished (a wiped runtime_dir); True if it did.
+
+        Otherwise ``chatd status`` and ``stop`` would report a running daemon as stopped.
+        """
+        if self.fd is None or _is_path_of(self.fd, self.path):
+            return False
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        self.write(pid)
+        return True
+
     def release(self) -> None:
         """Remove the file if it is still ours, then let go of the lock."""
         if self.fd is None:

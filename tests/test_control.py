@@ -3,10 +3,10 @@
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -267,3 +267,16 @@ def test_plugins_lists_state_and_failures(make_chatd):
     assert all("failures" in p and "calls" in p for p in plugins.values())
     human = chatctl(server, "plugins").stdout
     assert "wordfilter" in human and "off (config)" in human
+
+
+def test_run_reports_a_control_socket_it_cannot_create(tmp_path):
+    from helpers import write_config
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config = write_config(tmp_path, {"control": {"socket": str(blocker / "control.sock")}})
+    result = subprocess.run([sys.executable, "-m", "chatd", "run", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot create control socket" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "chatd.pid").exists()

@@ -146,7 +146,12 @@ def test_runtime_dir_removed_while_running(make_chatd):
         wait_for(lambda: chatctl(server, "who").returncode == 0, timeout=15,
                  what="the control socket to be recreated")
         assert (server.runtime_dir / "control.fifo").exists()
-        assert any(e["event"] == "control_files_recreated" for e in server.log_events())
+        events = {e["event"] for e in server.log_events()}
+        assert {"control_files_recreated", "pidfile_recreated"} <= events
+        assert (server.runtime_dir / "chatd.pid").read_text().strip() == str(server.proc.pid)
+        status = subprocess.run([sys.executable, "-m", "chatd", "status", "-c",
+                                 str(server.config)], capture_output=True, timeout=30)
+        assert status.returncode == 0
     finally:
         alice.close()
         bob.close()
