@@ -1,9 +1,11 @@
 # Two commands set everything up: `make run` and `make test`.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PREFIX  ?= /usr/local
+DESTDIR ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean install uninstall
 
 # The stamp files re-install only when pyproject.toml changes.
 $(BIN)/python:
@@ -29,6 +31,14 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+
+# System-wide: a virtual environment in $(PREFIX)/lib/chatd, links in $(PREFIX)/bin,
+# man pages, systemd units, and /etc/chatd/chatd.yaml unless one exists.
+install:
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' PYTHON='$(PYTHON)' bash scripts/install.sh install
+
+uninstall:
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' bash scripts/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

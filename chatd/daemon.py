@@ -124,7 +124,10 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
         if pidfile.stale_pid is not None:
             log.warning("stale_pidfile_taken_over", pidfile=settings.pidfile,
                         old_pid=pidfile.stale_pid)
-        sock = None if daemonize else systemd.activated_socket()
+        try:
+            sock = None if daemonize else systemd.activated_socket()
+        except OSError as exc:
+            raise StartError(f"socket activation: {exc}") from None
         if sock is not None:
             from chatd.server import tune_socket
 

@@ -109,7 +109,7 @@ def configure(settings: LogSettings, *, stream: TextIO | None = None) -> Sink:
     """(Re)configure logging for this process; returns the sink, whose fd a daemon keeps open."""
     global _current
     stream = stream or sys.stderr
-    journal = settings.file is None and "JOURNAL_STREAM" in os.environ
+    journal = settings.file is None and _is_journal(stream)
     fmt = settings.format or ("console" if _isatty(stream) and not journal else "json")
     if _current is not None and _current.path == settings.file:
         sink = _current  # keep the open file: a reload that changes the level must not reopen
@@ -138,6 +138,17 @@ def configure(settings: LogSettings, *, stream: TextIO | None = None) -> Sink:
         cache_logger_on_first_use=False,
     )
     return sink
+
+
+def _is_journal(stream: TextIO) -> bool:
+    """systemd sets JOURNAL_STREAM=dev:inode of the stream it connected to journald;
+    a child whose stderr was redirected elsewhere inherits the variable, not the stream."""
+    dev, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return False
+    return dev.isdigit() and inode.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(inode))
 
 
 def current_sink() -> Sink | None:

@@ -194,7 +194,8 @@ class Server:
         self._stop_reason = reason
 
     def _tick(self, now: float) -> None:
-        self._next_tick = now + TICK_SECONDS
+        # a short WatchdogSec needs pings more often than once a second
+        self._next_tick = now + min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
         self.deliver(self.room.expire(now))
         self.log_room_events()
         interval = self.notifier.watchdog_interval

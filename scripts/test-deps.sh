@@ -7,7 +7,8 @@ need=()
 command -v mandoc >/dev/null || need+=(mandoc)
 command -v logrotate >/dev/null || need+=(logrotate)
 compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
-command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v systemd-analyze >/dev/null && command -v systemd-socket-activate >/dev/null ||
+    need+=(systemd)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing test tools: ${need[*]}"
