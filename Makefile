@@ -29,6 +29,11 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Fan-out throughput and latency against a bare-loop baseline, then 10,000 sessions.
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/fanout.py
+	$(BIN)/python benchmarks/scale.py
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 

@@ -51,6 +51,7 @@ class RoomSettings:
     max_datagram: int = 1024
     session_timeout: float = 90.0
     max_sessions_per_ip: int = 100
+    announce_limit: int = 200
     unreachable_after: int = 3
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(LOCALES["en"]))
 
@@ -183,6 +184,7 @@ SCHEMA: Mapping[str, tuple[Callable[[Any], Any], Any]] = {
     "room.max_datagram": (_int(64, 65507), RoomSettings.max_datagram),
     "room.session_timeout": (_number(1, 86400 * 365), RoomSettings.session_timeout),
     "room.max_sessions_per_ip": (_int(0, 1_000_000), RoomSettings.max_sessions_per_ip),
+    "room.announce_limit": (_int(0, 1_000_000), RoomSettings.announce_limit),
     "room.unreachable_after": (_int(0, 1_000_000), RoomSettings.unreachable_after),
     "room.templates": (_mapping, {}),
     "daemon.user": (_optional(_text), None),
@@ -301,6 +303,7 @@ def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Se
         max_datagram=get("room.max_datagram"),
         session_timeout=get("room.session_timeout"),
         max_sessions_per_ip=get("room.max_sessions_per_ip"),
+        announce_limit=get("room.announce_limit"),
         unreachable_after=get("room.unreachable_after"),
         templates=MappingProxyType(templates),
     )

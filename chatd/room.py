@@ -224,7 +224,7 @@ class Room:
             return False
         self._send_text(session.addr, "kicked", reason=reason)
         self._out.append(Delivery(protocol.EXIT, (session.addr,)))
-        self._leave(session, "kicked", "kick_notice", reason=reason)
+        self._leave(session, "kicked", "kick_notice", always=True, reason=reason)
         return True
 
     def render(self, key: str, **fields: Any) -> str:
@@ -269,7 +269,7 @@ class Room:
                                                   "reason": "plugin"}))
             return
         self._out.append(Delivery(protocol.OK, (addr,)))
-        if self._by_addr:
+        if self._by_addr and self._announcing():
             self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
         new = Session(name=name, key=key, addr=addr, joined_at=now, last_seen=now)
         self._by_addr[addr] = new
@@ -299,14 +299,21 @@ class Room:
         self.events.append(("chat", {"name": session.name, "text": rewritten}))
         self.hooks.said(session.name, rewritten)
 
-    def _leave(self, session: Session, why: str, template: str, **fields: Any) -> None:
+    def _leave(self, session: Session, why: str, template: str, always: bool = False,
+               **fields: Any) -> None:
         self._forget(session)
-        if self._by_addr:
+        if self._by_addr and (always or self._announcing()):
             payload = self._notice(template, name=session.name, **fields)
             self._out.append(Delivery(payload, list(self._by_addr)))
         self.events.append(("user_left", {"name": session.name, "addr": session.addr,
                                           "reason": why}))
         self.hooks.left(session.name, why)
+
+    def _announcing(self) -> bool:
+        """Joins and leaves are news in a room, and most of the traffic in a crowd
+        (n logins would cost n²/2 notices): they are announced up to a size."""
+        limit = self.settings.announce_limit  # counting the one who comes or goes
+        return not limit or len(self._by_addr) < limit
 
     def _forget(self, session: Session) -> None:
         del self._by_addr[session.addr]

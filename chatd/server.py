@@ -16,14 +16,15 @@ import selectors
 import signal
 import socket
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
 
 from chatd import config as config_mod
 from chatd import log as log_mod
+from chatd.batchsend import UNREPORTED, send_to_many
 from chatd.config import ListenSettings, Settings
 from chatd.plugins import PluginManager
 from chatd.room import Delivery, Room
@@ -42,10 +43,18 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+# Linux: buffer sizes beyond net.core.rmem_max/wmem_max, for root (not in Python's socket)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 # Errors a sendto can report on behalf of an earlier datagram (the socket's pending
 # ICMP error): the datagram at hand was not sent and is retried once.
 _DEFERRED_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                               errno.EHOSTDOWN, errno.ENETDOWN})
+#: Send errors that mean "read the socket's error queue" (see chatd.batchsend).
+_DEFERRED_NAMES = frozenset(errno.errorcode[e] for e in _DEFERRED_ERRORS) | {UNREPORTED}
+#: Datagrams kept for later while the socket's send buffer is full; past this the
+#: newest are dropped (and counted), so that a stuck network cannot eat the memory.
+MAX_BACKLOG = 1_000_000
 
 
 class BindError(Exception):
@@ -91,15 +100,11 @@ def tune_socket(sock: socket.socket, listen: ListenSettings) -> None:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-    for force, plain, size in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF,
-                                listen.rcvbuf),
-                               (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF,
-                                listen.sndbuf)):
+    for force, plain, size in ((SO_RCVBUFFORCE, socket.SO_RCVBUF, listen.rcvbuf),
+                               (SO_SNDBUFFORCE, socket.SO_SNDBUF, listen.sndbuf)):
         try:
-            if force is None:
-                raise PermissionError
             sock.setsockopt(socket.SOL_SOCKET, force, size)
-        except PermissionError:
+        except OSError:  # not root (EPERM), or not Linux
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
@@ -126,6 +131,8 @@ class Server:
         self._stranger_logs = {"datagram_dropped": (log_mod.BoundedRate(), "warning"),
                                "login_refused": (log_mod.BoundedRate(), "info")}
         self._icmp_pending = False  # an ICMP error was reported: drain the error queue
+        self._backlog: deque[tuple[bytes, Sequence[Any]]] = deque()
+        self._backlog_size = 0  # datagrams in the backlog
         self._next_tick = 0.0
         self._next_watchdog = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
@@ -169,7 +176,7 @@ class Server:
 
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT (or :meth:`stop`); returns the exit status."""
-        self.selector.register(self.sock, selectors.EVENT_READ, self._on_datagrams)
+        self.selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
         self.plugins.startup()
         self.deliver(self.room.take_output())
         host, port = self.sock.getsockname()[:2]
@@ -205,7 +212,13 @@ class Server:
         for callback in self.on_tick:
             callback(now)
 
-    def _on_datagrams(self, mask: int = selectors.EVENT_READ) -> None:
+    def _on_socket(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush_backlog()
+        if mask & selectors.EVENT_READ:
+            self._on_datagrams()
+
+    def _on_datagrams(self) -> None:
         recv, room, counters = self.sock.recvfrom, self.room, self.counters
         for _ in range(BATCH):
             try:
@@ -227,29 +240,52 @@ class Server:
             self._drain_error_queue()
 
     def deliver(self, deliveries: Iterable[Delivery]) -> None:
-        """Send each payload to each of its addresses; errors are counted, never raised."""
-        send = self.sock.sendto
-        sent = 0
-        for delivery in deliveries:
-            payload = delivery.payload
-            for addr in delivery.addrs:
-                try:
-                    send(payload, addr)
-                    sent += 1
-                except OSError as exc:
-                    sent += self._send_failed(exc, payload, addr)
-        self.counters["datagrams_out"] += sent
+        """Send each payload to each of its addresses; errors are counted, never raised.
 
-    def _send_failed(self, exc: OSError, payload: bytes, addr: Any) -> int:
-        """Count the error; retry once when it was an earlier datagram's. Returns 1 if sent."""
-        self._note_send_error(exc)
-        if exc.errno in _DEFERRED_ERRORS:
-            try:
-                self.sock.sendto(payload, addr)
-                return 1
-            except OSError as again:
-                self._note_send_error(again)
-        return 0
+        A fan-out goes out with sendmmsg (chatd.batchsend), one system call per
+        1024 addresses: the per-call cost, not Python, dominates a big room.
+        What a full send buffer keeps back waits, in order, until the socket is
+        writable: nothing the room accepted is lost to a burst.
+        """
+        for delivery in deliveries:
+            if self._backlog:
+                self._hold(delivery.payload, delivery.addrs)
+                continue
+            unsent = self._send(delivery.payload, delivery.addrs)
+            if unsent:
+                self._hold(delivery.payload, unsent)
+
+    def _send(self, payload: bytes, addrs: Sequence[Any]) -> list[Any]:
+        """Send now; returns the addresses a full send buffer kept waiting."""
+        unsent: list[Any] = []
+        sent, errors = send_to_many(self.sock, payload, addrs, unsent)
+        self.counters["datagrams_out"] += sent
+        if errors:
+            self.send_errors.update(errors)
+            if not _DEFERRED_NAMES.isdisjoint(errors):
+                self._icmp_pending = True  # the error queue says who is unreachable
+        return unsent
+
+    def _hold(self, payload: bytes, addrs: Sequence[Any]) -> None:
+        if self._backlog_size + len(addrs) > MAX_BACKLOG:
+            self.send_errors["backlog_full"] += len(addrs)
+            return
+        if not self._backlog:
+            self.watch(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_socket)
+        self._backlog.append((payload, addrs))
+        self._backlog_size += len(addrs)
+        self.counters["backlogged"] += len(addrs)
+
+    def _flush_backlog(self) -> None:
+        while self._backlog:
+            payload, addrs = self._backlog.popleft()
+            self._backlog_size -= len(addrs)
+            unsent = self._send(payload, addrs)
+            if unsent:  # still full: wait for the next writable event
+                self._backlog.appendleft((payload, unsent))
+                self._backlog_size += len(unsent)
+                return
+        self.watch(self.sock, selectors.EVENT_READ, self._on_socket)
 
     def _note_send_error(self, exc: OSError) -> None:
         self.send_errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
@@ -293,7 +329,8 @@ class Server:
                 fields["addr"] = format_addr(fields["addr"])
             if name == "chat":
                 self.counters["chat_lines"] += 1
-                log.debug(name, **fields)
+                if self.settings.log.level == "debug":  # skip the logger's cost otherwise
+                    log.debug(name, **fields)
             elif name in self._stranger_logs:
                 self._log_bounded(name, fields)
             else:
@@ -373,6 +410,7 @@ class Server:
             "drops": dict(self.room.drops),
             "send_errors": dict(self.send_errors),
             "kernel_drops": self.kernel_drops(),
+            "backlog": self._backlog_size,
             "admin_child_pid": self.admin.pid if self.admin is not None else None,
             "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
         }

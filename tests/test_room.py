@@ -195,3 +195,12 @@ def test_notices_are_cut_at_a_character_boundary_not_mid_character():
     payload = flat(room.receive(B, b"L bob", 0))[1][1]
     assert len(payload) <= 1024
     payload.decode("utf-8")  # would raise if cut mid-character
+
+
+def test_joins_and_leaves_are_not_announced_in_a_crowd():
+    room = joined(make_room(announce_limit=2), (A, "alice"), (B, "bob"))
+    assert flat(room.receive(C, b"L carol", 0)) == [(C, b"OK")]  # 2 already: a crowd
+    assert flat(room.receive(C, b"Q carol", 0)) == [(C, b"EXIT")]
+    assert flat(room.receive(B, b"Q bob", 0)) == [(A, b"\nbob left the room"), (B, b"EXIT")]
+    room = joined(make_room(announce_limit=1), (A, "alice"), (B, "bob"))
+    assert flat(room.kick("bob", "x"))[-1] == (A, b"\nbob was removed from the room: x")
