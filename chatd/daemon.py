@@ -196,15 +196,10 @@ def _stdin_is_tty() -> bool:
 def run_foreground(settings: Settings, config_path: str | None) -> int:
     try:
         prepared = prepare(settings, config_path, daemonize=False)
-    except StartError as exc:
-        print(f"chatd: {exc}", file=sys.stderr)
-        return 1
-    notifier = systemd.Notifier()
-    systemd.forget_environment()
-    try:
+        notifier = systemd.Notifier()
+        systemd.forget_environment()
         return _serve(prepared, notifier)
     except StartError as exc:
-        log.error("start_failed", error=str(exc))
         print(f"chatd: {exc}", file=sys.stderr)
         return 1
 

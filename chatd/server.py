@@ -131,6 +131,7 @@ class Server:
         self._stranger_logs = {"datagram_dropped": (log_mod.BoundedRate(), "warning"),
                                "login_refused": (log_mod.BoundedRate(), "info")}
         self._icmp_pending = False  # an ICMP error was reported: drain the error queue
+        self._signalled = False  # a signal arrived and waits for the loop
         self._backlog: deque[tuple[bytes, Sequence[Any]]] = deque()
         self._backlog_size = 0  # datagrams in the backlog
         self._next_tick = 0.0
@@ -154,7 +155,7 @@ class Server:
             sock.setblocking(False)
         signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
         for signum in _HANDLED_SIGNALS:
-            signal.signal(signum, _note_signal)
+            signal.signal(signum, self._note_signal)
         self.selector.register(self._signal_r, selectors.EVENT_READ, self._on_signals)
 
     def watch(self, fileobj: Any, events: int, callback: Callable[[int], None]) -> None:
@@ -221,6 +222,8 @@ class Server:
     def _on_datagrams(self) -> None:
         recv, room, counters = self.sock.recvfrom, self.room, self.counters
         for _ in range(BATCH):
+            if self._signalled:  # a signal waits: let the loop see it now
+                break
             try:
                 data, addr = recv(RECV_BUFFER)
             except (BlockingIOError, InterruptedError):
@@ -347,7 +350,12 @@ class Server:
 
     # -- signals ----------------------------------------------------------------
 
+    def _note_signal(self, signum: int, frame: Any) -> None:
+        """Only a note: the wakeup fd has already carried the signal to the loop."""
+        self._signalled = True
+
     def _on_signals(self, mask: int = selectors.EVENT_READ) -> None:
+        self._signalled = False
         try:
             data = self._signal_r.recv(512)
         except BlockingIOError:
@@ -430,6 +438,3 @@ class Server:
         signal.set_wakeup_fd(-1)
         self.selector.close()
 
-
-def _note_signal(signum: int, frame: Any) -> None:
-    """The handler does nothing: the wakeup fd has already carried the signal to the loop."""

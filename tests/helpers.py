@@ -8,6 +8,7 @@ for its ``READY=1``, exactly as systemd would.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -21,6 +22,17 @@ from typing import Any
 import yaml
 
 CHATD = [sys.executable, "-m", "chatd"]
+
+
+def read_log_events(path: Path | None) -> list[dict[str, Any]]:
+    """The JSON log lines of ``path`` (none if it does not exist), skipping any other line."""
+    if path is None or not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
 
 
 def free_udp_port() -> int:
@@ -156,15 +168,7 @@ class ChatdProcess:
         return self.proc.returncode
 
     def log_events(self) -> list[dict[str, Any]]:
-        import json
-
-        if self.log_path is None or not self.log_path.exists():
-            return []
-        events = []
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-        return events
+        return read_log_events(self.log_path)
 
 
 class UdpUser:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import pwd
 import re
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import CHATD, UdpUser, free_udp_port, wait_for, write_config
+from helpers import CHATD, UdpUser, free_udp_port, read_log_events, wait_for, write_config
 
 from chatd.pidfile import State, probe
 
@@ -202,13 +201,7 @@ class Daemon:
                       if name.startswith("chatd.pid") or name.endswith((".sock", ".fifo")))
 
     def log_events(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        events = []
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-        return events
+        return read_log_events(self.log_path)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.log_events() if e.get("event") == name]

@@ -76,7 +76,8 @@ def test_a_burst_of_100_sighups_while_users_chat(make_chatd):
                 exchange(alice, bob, 1, f"hup{i}")
         exchange(alice, bob, 20, "after")
         assert server.proc.poll() is None
-        reloads = [e for e in server.log_events() if e["event"] == "reloaded"]
+        reloads = wait_for(lambda: [e for e in server.log_events() if e["event"] == "reloaded"],
+                           what="a reload in the log")
         assert 1 <= len(reloads) <= 100
         assert status(server)["users"] == 2
     finally:
