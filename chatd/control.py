@@ -62,7 +62,9 @@ def request(path: str, cmd: str, args: dict[str, Any] | None = None,
         except OSError as exc:
             raise ControlError(f"cannot reach the control socket {path}: {exc.strerror}") from None
         try:
-            sock.sendall(payload)
+            # a refused peer is cut off at once: the reason is still waiting to be read
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(payload)
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)

@@ -122,7 +122,8 @@ class ChatdProcess:
         self.runtime_dir = Path(data["runtime_dir"])
         self.log_path = Path(data["log"]["file"]) if data["log"].get("file") else None
         self.notify = Notifications()
-        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.name, **(env or {})}
+        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.name, "PYTHONFAULTHANDLER": "1",
+                    **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -136,9 +137,13 @@ class ChatdProcess:
         try:
             self.notify.wait("READY", "1", timeout=timeout)
         except AssertionError:
-            self.stop()
-            out, err = self.proc.communicate(timeout=5)
-            raise AssertionError(f"chatd did not become ready: {err.decode()}") from None
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler: where is it stuck?
+            try:
+                _, err = self.proc.communicate(timeout=10)
+            finally:
+                self.stop()
+            log = self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+            raise AssertionError(f"chatd did not become ready: {err.decode()}\n{log}") from None
         return self
 
     def signal(self, signum: int) -> None:

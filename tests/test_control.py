@@ -1,5 +1,6 @@
 """The control channel: the admin child, its socket and FIFO, and chatctl."""
 
+import contextlib
 import json
 import os
 import pwd
@@ -12,8 +13,10 @@ import sys
 import tempfile
 import time
 
+import pexpect
 import pytest
-from helpers import wait_for
+import yaml
+from helpers import Notifications, UdpUser, wait_for, write_config
 
 
 def chatctl(server, *args, timeout=30):
@@ -31,7 +34,8 @@ def raw_request(path, data: bytes, timeout=5.0) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(data)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)  # a refused peer may be cut off before it writes
         answer = b""
         while not answer.endswith(b"\n"):
             chunk = s.recv(65536)
@@ -180,7 +184,8 @@ def test_peer_of_another_uid_is_refused(make_chatd):
         os.waitpid(pid, 0)
         assert answer.get("ok") is False, answer
         assert "permission denied" in answer["error"]
-        assert any(e["event"] == "control_refused" for e in server.log_events())
+        wait_for(lambda: any(e["event"] == "control_refused" for e in server.log_events()),
+                 what="control_refused in the log")
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -270,8 +275,6 @@ def test_plugins_lists_state_and_failures(make_chatd):
 
 
 def test_run_reports_a_control_socket_it_cannot_create(tmp_path):
-    from helpers import write_config
-
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     config = write_config(tmp_path, {"control": {"socket": str(blocker / "control.sock")}})
@@ -280,3 +283,27 @@ def test_run_reports_a_control_socket_it_cannot_create(tmp_path):
     assert result.returncode == 1
     assert "cannot create control socket" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "chatd.pid").exists()
+
+
+def test_lines_typed_at_chatd_run_are_said(tmp_path):
+    """As in the article's server: under ``chatd run`` in a terminal, typed lines go to all."""
+    config = write_config(tmp_path)
+    port = yaml.safe_load(config.read_text())["listen"]["port"]
+    notify = Notifications()
+    child = pexpect.spawn(sys.executable, ["-m", "chatd", "run", "-c", str(config)],
+                          env={**os.environ, "NOTIFY_SOCKET": notify.name}, timeout=15)
+    alice = UdpUser(("127.0.0.1", port))
+    try:
+        notify.wait("READY", "1")
+        alice.join("alice")
+        child.sendline("hello from the console")
+        assert alice.recv_text() == "\nadmin says: hello from the console"
+        child.sendintr()  # Ctrl-C stops the server gracefully
+        assert alice.recv_text() == "\nthe server is shutting down"
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        child.close(force=True)
+        alice.close()
+        notify.close()
