@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,9 +37,31 @@ def read_log_events(path: Path | None) -> list[dict[str, Any]]:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free UDP port below the kernel's ephemeral range.
+
+    A port the kernel handed out (bind to port 0) goes back to its pool when
+    closed, and any socket of any process sending meanwhile may take it
+    before chatd binds it. Ports below the ephemeral range are never given
+    out that way.
+    """
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free UDP port found")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
@@ -134,17 +157,26 @@ class ChatdProcess:
         self.proc = subprocess.Popen(
             [*CHATD, "run", "-c", str(self.config)], env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            self.notify.wait("READY", "1", timeout=timeout)
-        except AssertionError:
-            self.proc.send_signal(signal.SIGABRT)  # faulthandler: where is it stuck?
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                _, err = self.proc.communicate(timeout=10)
-            finally:
-                self.stop()
-            log = self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
-            raise AssertionError(f"chatd did not become ready: {err.decode()}\n{log}") from None
-        return self
+                self.notify.wait("READY", "1", timeout=0.2)
+                return self
+            except AssertionError:
+                pass
+            if self.proc.poll() is not None:
+                problem = f"chatd exited with status {self.proc.returncode}"
+                break
+            if time.monotonic() > deadline:
+                problem = f"chatd did not become ready within {timeout} s"
+                self.proc.send_signal(signal.SIGABRT)  # faulthandler: where is it stuck?
+                break
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        finally:
+            self.stop()
+        log = self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+        raise AssertionError(f"{problem}: {err.decode()}\n{log}")
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
