@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import select
 import selectors
 import signal
 import socket
@@ -55,6 +56,8 @@ _DEFERRED_NAMES = frozenset(errno.errorcode[e] for e in _DEFERRED_ERRORS) | {UNR
 #: Datagrams kept for later while the socket's send buffer is full; past this the
 #: newest are dropped (and counted), so that a stuck network cannot eat the memory.
 MAX_BACKLOG = 1_000_000
+#: How long a stopping server waits for a full send buffer to take what is left.
+SHUTDOWN_FLUSH_SECONDS = 2.0
 
 
 class BindError(Exception):
@@ -143,7 +146,7 @@ class Server:
         self.on_child_exit: Callable[[], None] | None = None
         #: called after the room said goodbye, before the loop closes
         self.on_shutdown: list[Callable[[], None]] = []
-        #: called once a second from the loop
+        #: called on every tick of the loop: once a second (more often for a short watchdog)
         self.on_tick: list[Callable[[float], None]] = []
         #: called once the room is serving (the readiness pipe of ``chatd start``)
         self.on_ready: list[Callable[[], None]] = []
@@ -278,6 +281,18 @@ class Server:
         self._backlog.append((payload, addrs))
         self._backlog_size += len(addrs)
         self.counters["backlogged"] += len(addrs)
+
+    def _drain_backlog(self, timeout: float) -> None:
+        """On the way out: give what still waits (the goodbyes, say) a bounded chance."""
+        deadline = time.monotonic() + timeout
+        while self._backlog:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.send_errors["lost_at_shutdown"] += self._backlog_size
+                return
+            _, writable, _ = select.select([], [self.sock], [], remaining)
+            if writable:
+                self._flush_backlog()
 
     def _flush_backlog(self) -> None:
         while self._backlog:
@@ -433,6 +448,7 @@ class Server:
         self.deliver(self.room.take_output())
         self.deliver(self.room.shutdown())
         self.log_room_events()
+        self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
         for callback in self.on_shutdown:
             callback()
         signal.set_wakeup_fd(-1)

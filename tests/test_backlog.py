@@ -57,3 +57,24 @@ def test_a_burst_beyond_the_send_buffer_arrives_whole_and_in_order(tmp_path):
         server.selector.close()
         for sock in (server_sock, *receivers):
             sock.close()
+
+
+def test_what_waits_at_shutdown_gets_a_bounded_chance(tmp_path):
+    settings = config.from_mapping({"runtime_dir": str(tmp_path)})
+    server_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server_sock.bind(str(tmp_path / "server"))
+    server_sock.setblocking(False)
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuck.bind(str(tmp_path / "stuck"))  # never read: its queue stays full
+    server = Server(settings, server_sock)
+    try:
+        server.deliver([Delivery(f"{i}".encode(), [str(tmp_path / "stuck")])
+                        for i in range(100)])
+        waiting = server.status()["backlog"]
+        assert waiting > 0
+        server._drain_backlog(0.2)
+        assert server.send_errors["lost_at_shutdown"] == waiting
+    finally:
+        server.selector.close()
+        for sock in (server_sock, stuck):
+            sock.close()
