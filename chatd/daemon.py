@@ -24,12 +24,13 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from chatd import control, systemd
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
-from chatd import systemd
+from chatd.admin import AdminStartError, AdminSupervisor
 from chatd.config import Settings
 from chatd.pidfile import PidFile, State
-from chatd.server import BindError, Server, bind_udp
+from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
 
 log = structlog.get_logger("chatd")
 
@@ -129,8 +130,6 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
         except OSError as exc:
             raise StartError(f"socket activation: {exc}") from None
         if sock is not None:
-            from chatd.server import tune_socket
-
             tune_socket(sock, settings.listen)
             log.info("socket_activation", fd=sock.fileno(), note="listen.* is ignored")
         else:
@@ -159,8 +158,6 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
         server = Server(prepared.settings, prepared.sock, notifier=notifier,
                         config_path=prepared.config_path)
         server.install_signals()
-        from chatd.admin import AdminStartError, AdminSupervisor
-
         server.admin = AdminSupervisor(server, read_terminal=on_ready is None and _stdin_is_tty())
         try:
             server.admin.start()
@@ -280,7 +277,7 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
     code = 1
     try:
         def ready() -> None:
-            report(f"READY {socket_address(prepared.sock)}")
+            report(f"READY {format_addr(prepared.sock.getsockname())}")
             close_pipe()
 
         code = _serve(prepared, systemd.Notifier(address=""), on_ready=ready)
@@ -289,12 +286,6 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
         report(f"ERROR {exc}")
     finally:
         os._exit(code)
-
-
-def socket_address(sock: socket.socket) -> str:
-    from chatd.server import format_addr
-
-    return format_addr(sock.getsockname())
 
 
 def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
@@ -415,8 +406,6 @@ def _remove_stale(settings: Settings, control_files: bool = False) -> None:
         return
     try:
         if control_files:
-            from chatd import control
-
             control.remove_files(settings.control)
     finally:
         stale.release()
@@ -446,11 +435,9 @@ def format_duration(seconds: float) -> str:
 
 def _control_request(socket_path: str, cmd: str) -> dict | None:
     """The daemon's answer through the control channel, or None when it cannot be reached."""
-    from chatd.control import ControlError, request
-
     try:
-        return request(socket_path, cmd, timeout=5.0)
-    except ControlError:
+        return control.request(socket_path, cmd, timeout=5.0)
+    except control.ControlError:
         return None
 
 

@@ -93,7 +93,6 @@ class Room:
         self._by_key: dict[str, Session] = {}
         self._per_host: Counter[Any] = Counter()
         self._out: list[Delivery] = []
-        self._templates = self.settings.templates
 
     # -- entry points ------------------------------------------------------
 
@@ -189,7 +188,6 @@ class Room:
     def reconfigure(self, settings: RoomSettings) -> None:
         """New limits and templates; sessions stay."""
         self.settings = settings
-        self._templates = settings.templates
 
     # -- the API plugins use (through chatd.plugins) -------------------------
 
@@ -228,7 +226,7 @@ class Room:
         return True
 
     def render(self, key: str, **fields: Any) -> str:
-        return self._templates[key].format(**fields)
+        return self.settings.templates[key].format(**fields)
 
     def take_output(self) -> list[Delivery]:
         """Deliveries queued outside an entry point (by plugins at startup, say)."""
@@ -335,7 +333,7 @@ class Room:
         self._out.append(Delivery(self._notice(template, **fields), (addr,)))
 
     def _render(self, template: str, **fields: Any) -> bytes:
-        return self._templates[template].format(**fields).encode()
+        return self.settings.templates[template].format(**fields).encode()
 
     def _notice(self, template: str, **fields: Any) -> bytes:
         return self._fit(self._render(template, **fields))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import select
 import selectors
@@ -25,7 +24,7 @@ import structlog
 
 from chatd import config as config_mod
 from chatd import log as log_mod
-from chatd.batchsend import UNREPORTED, send_to_many
+from chatd.batchsend import DEFERRED_ERRNOS, UNREPORTED, errno_name, send_to_many
 from chatd.config import ListenSettings, Settings
 from chatd.plugins import PluginManager
 from chatd.room import Delivery, Room
@@ -47,12 +46,8 @@ MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 # Linux: buffer sizes beyond net.core.rmem_max/wmem_max, for root (not in Python's socket)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-# Errors a sendto can report on behalf of an earlier datagram (the socket's pending
-# ICMP error): the datagram at hand was not sent and is retried once.
-_DEFERRED_ERRORS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
-                              errno.EHOSTDOWN, errno.ENETDOWN})
 #: Send errors that mean "read the socket's error queue" (see chatd.batchsend).
-_DEFERRED_NAMES = frozenset(errno.errorcode[e] for e in _DEFERRED_ERRORS) | {UNREPORTED}
+_DEFERRED_NAMES = frozenset(map(errno_name, DEFERRED_ERRNOS)) | {UNREPORTED}
 #: Datagrams kept for later while the socket's send buffer is full; past this the
 #: newest are dropped (and counted), so that a stuck network cannot eat the memory.
 MAX_BACKLOG = 1_000_000
@@ -306,8 +301,8 @@ class Server:
         self.watch(self.sock, selectors.EVENT_READ, self._on_socket)
 
     def _note_send_error(self, exc: OSError) -> None:
-        self.send_errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
-        if exc.errno in _DEFERRED_ERRORS:
+        self.send_errors[errno_name(exc.errno)] += 1
+        if exc.errno in DEFERRED_ERRNOS:
             self._icmp_pending = True
 
     def _drain_error_queue(self) -> None:
