@@ -287,7 +287,8 @@ def cmd_who(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     return _ok([
         {"name": s.name, "addr": format_addr(s.addr),
          "login_time": _iso(now_wall - (now - s.joined_at)),
-         "idle": round(now - s.last_seen, 1), "keepalive": s.keepalive}
+         "idle": round(now - s.last_seen, 1), "keepalive": s.keepalive,
+         "verified": s.verified}
         for s in server.room.sessions()
     ])
 

@@ -53,6 +53,9 @@ class RoomSettings:
     max_sessions_per_ip: int = 100
     announce_limit: int = 200
     unreachable_after: int = 3
+    evict_idle_after: float = 600.0  # 0: a full room never evicts
+    ipv6_prefix: int = 64  # per-address limits count an IPv6 /64 as one host
+    require_verified: bool = False  # True: only clients that echoed an address cookie
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(LOCALES["en"]))
 
     @property
@@ -133,6 +136,12 @@ def _text(value: Any) -> str:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else check(value)
 
@@ -186,6 +195,9 @@ SCHEMA: Mapping[str, tuple[Callable[[Any], Any], Any]] = {
     "room.max_sessions_per_ip": (_int(0, 1_000_000), RoomSettings.max_sessions_per_ip),
     "room.announce_limit": (_int(0, 1_000_000), RoomSettings.announce_limit),
     "room.unreachable_after": (_int(0, 1_000_000), RoomSettings.unreachable_after),
+    "room.evict_idle_after": (_number(0, 86400 * 365), RoomSettings.evict_idle_after),
+    "room.ipv6_prefix": (_int(0, 128), RoomSettings.ipv6_prefix),
+    "room.require_verified": (_bool, RoomSettings.require_verified),
     "room.templates": (_mapping, {}),
     "daemon.user": (_optional(_text), None),
     "daemon.group": (_optional(_text), None),
@@ -305,6 +317,9 @@ def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Se
         max_sessions_per_ip=get("room.max_sessions_per_ip"),
         announce_limit=get("room.announce_limit"),
         unreachable_after=get("room.unreachable_after"),
+        evict_idle_after=get("room.evict_idle_after"),
+        ipv6_prefix=get("room.ipv6_prefix"),
+        require_verified=get("room.require_verified"),
         templates=MappingProxyType(templates),
     )
     for path in ("control.socket", "control.fifo", "log.file"):

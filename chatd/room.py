@@ -8,13 +8,15 @@ Time comes in as an argument (monotonic seconds), so tests drive the clock.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chatd import protocol
 from chatd.config import RoomSettings
+from chatd.cookies import CookieJar
+from chatd.hosts import host_key
 from chatd.names import name_key, name_problem
 
 Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
@@ -37,6 +39,8 @@ class Session:
     last_seen: float  # monotonic seconds
     keepalive: bool = False  # has sent P at least once: only then can it time out
     unreachable: int = 0  # delivery failures reported by the kernel since it last spoke
+    verified: bool = False  # logged in with an address cookie: its address is its own
+    host: str = ""  # what per-host limits count it against (chatd.hosts)
 
 
 class RoomHooks(Protocol):
@@ -87,11 +91,16 @@ class Room:
     hooks: RoomHooks = field(default_factory=NoHooks)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     drops: Counter[str] = field(default_factory=Counter)
+    #: what the room did that is not a drop (evictions, cookies, capped replies)
+    counters: Counter[str] = field(default_factory=Counter)
+    cookies: CookieJar = field(default_factory=CookieJar)
 
     def __post_init__(self) -> None:
         self._by_addr: dict[Addr, Session] = {}
         self._by_key: dict[str, Session] = {}
         self._per_host: Counter[Any] = Counter()
+        #: sessions by when they were last heard from, longest silent first
+        self._by_silence: OrderedDict[Addr, Session] = OrderedDict()
         self._out: list[Delivery] = []
 
     # -- entry points ------------------------------------------------------
@@ -109,17 +118,19 @@ class Room:
         except protocol.ProtocolError as exc:
             self._drop(exc.reason, addr)
             return self._take()
-        if isinstance(command, protocol.Login):
-            self._login(addr, session, command.name, now)
+        if isinstance(command, protocol.Hello):
+            self._hello(addr, len(data), now)
             return self._take()
+        if isinstance(command, protocol.Login):
+            self._login(addr, session, command, len(data), now)
+            return self._capped(addr)
         if session is None:
             self._drop("no_session", addr)
             return self._take()
         if name_key(command.name) != session.key:
             self._drop("spoofed", addr, claimed=command.name, holder=session.name)
             return self._take()
-        session.last_seen = now
-        session.unreachable = 0
+        self._heard(session, now)
         if isinstance(command, protocol.Chat):
             self._chat(session, command.text)
         elif isinstance(command, protocol.Ping):
@@ -128,7 +139,7 @@ class Room:
         else:
             self._leave(session, "quit", "left")
             self._out.append(Delivery(protocol.EXIT, (addr,)))
-        return self._take()
+        return self._capped(addr)
 
     def expire(self, now: float) -> list[Delivery]:
         """Drop sessions that promised keepalives and then fell silent."""
@@ -191,6 +202,9 @@ class Room:
 
     # -- the API plugins use (through chatd.plugins) -------------------------
 
+    def session_at(self, addr: Addr) -> Session | None:
+        return self._by_addr.get(addr)
+
     def sessions(self) -> list[Session]:
         return list(self._by_addr.values())
 
@@ -237,11 +251,31 @@ class Room:
 
     # -- the rules ---------------------------------------------------------
 
-    def _login(self, addr: Addr, session: Session | None, name: str, now: float) -> None:
+    def _hello(self, addr: Addr, size: int, now: float) -> None:
+        """``H``: answer with a cookie, never with more bytes than were sent."""
+        reply = self.cookies.issue(addr, now)
+        if len(reply) > size:
+            self._drop("hello_too_short", addr, size=size, needed=len(reply))
+            return
+        self.counters["cookies_issued"] += 1
+        self._out.append(Delivery(reply, (addr,)))
+
+    def _login(self, addr: Addr, session: Session | None, command: protocol.Login,
+               size: int, now: float) -> None:
+        name = command.name
+        verified = command.cookie is not None
+        if verified and not self.cookies.check(addr, command.cookie or "", now):
+            self._refuse_unverified(addr, name, "cookie_invalid", size)
+            return
+        if (self.settings.require_verified and not verified
+                and not (session is not None and session.verified)):
+            self._refuse_unverified(addr, name, "verify_required", size)
+            return
         key = name_key(name)
         if session is not None:
             if session.key == key:  # our OK was lost: say it again
-                session.last_seen = now
+                self._heard(session, now)
+                session.verified = session.verified or verified
                 self._out.append(Delivery(protocol.OK, (addr,)))
             else:
                 self._refuse(addr, name, "other_session", "other_session", name=session.name)
@@ -253,11 +287,16 @@ class Room:
         if key in self._by_key or key == self.settings.admin_key:
             self._refuse(addr, name, "name_taken", "name_taken", name=name)
             return
+        evict = None
         if len(self._by_addr) >= self.settings.max_users:
-            self._refuse(addr, name, "room_full", "room_full", max_users=self.settings.max_users)
-            return
+            evict = self._longest_idle(now)
+            if evict is None:
+                self._refuse(addr, name, "room_full", "room_full",
+                             max_users=self.settings.max_users)
+                return
+        host = host_key(addr, self.settings.ipv6_prefix)
         per_ip = self.settings.max_sessions_per_ip
-        if per_ip and self._per_host[_host(addr)] >= per_ip:
+        if per_ip and self._per_host[host] >= per_ip:
             self._refuse(addr, name, "too_many_sessions", "too_many_sessions", limit=per_ip)
             return
         refusal = self.hooks.login(name, addr)
@@ -266,15 +305,71 @@ class Room:
             self.events.append(("login_refused", {"name": name, "addr": addr,
                                                   "reason": "plugin"}))
             return
+        if evict is not None:
+            self._evict(evict)
         self._out.append(Delivery(protocol.OK, (addr,)))
         if self._by_addr and self._announcing():
             self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
-        new = Session(name=name, key=key, addr=addr, joined_at=now, last_seen=now)
+        new = Session(name=name, key=key, addr=addr, joined_at=now, last_seen=now,
+                      verified=verified, host=host)
         self._by_addr[addr] = new
         self._by_key[key] = new
-        self._per_host[_host(addr)] += 1
-        self.events.append(("user_joined", {"name": name, "addr": addr}))
+        self._by_silence[addr] = new
+        self._per_host[host] += 1
+        self.events.append(("user_joined", {"name": name, "addr": addr, "verified": verified}))
         self.hooks.joined(name)
+
+    def _heard(self, session: Session, now: float) -> None:
+        session.last_seen = now
+        session.unreachable = 0
+        self._by_silence.move_to_end(session.addr)
+
+    def _longest_idle(self, now: float) -> Session | None:
+        """The session a login into a full room may replace: silent for ``evict_idle_after``
+        and not keepalive (a client that sends ``P`` is present, however quiet its person)."""
+        limit = self.settings.evict_idle_after
+        if not limit:
+            return None
+        for session in self._by_silence.values():
+            if now - session.last_seen < limit:
+                return None
+            if not session.keepalive:
+                return session
+        return None
+
+    def _evict(self, session: Session) -> None:
+        self.counters["evicted_idle"] += 1
+        self._send_text(session.addr, "evicted")
+        self._out.append(Delivery(protocol.EXIT, (session.addr,)))
+        self._leave(session, "evicted", "left")
+
+    def _refuse_unverified(self, addr: Addr, wanted: str, why: str, size: int) -> None:
+        """A refusal to an address nobody vouched for: at most three times the bytes it sent
+        (RFC 9000, 8.1), so that a forged login reflects nothing worth forging."""
+        payload = self._notice(why)
+        if len(payload) <= 3 * size:
+            self._out.append(Delivery(payload, (addr,)))
+        else:
+            self.counters["unverified_capped"] += 1
+        self.events.append(("login_refused", {"name": wanted, "addr": addr, "reason": why}))
+
+    def _capped(self, addr: Addr) -> list[Delivery]:
+        """The output of one datagram, with at most one datagram of reply to a sender whose
+        address is unproven: a forged request then costs its victim one datagram, no more."""
+        session = self._by_addr.get(addr)
+        if session is not None and session.verified:
+            return self._take()
+        out = self._take()
+        replies = 0
+        kept = []
+        for delivery in out:
+            if len(delivery.addrs) == 1 and delivery.addrs[0] == addr:
+                replies += 1
+                if replies > 1:
+                    self.counters["unverified_capped"] += 1
+                    continue
+            kept.append(delivery)
+        return kept
 
     def _chat(self, session: Session, text: str) -> None:
         if not text:
@@ -316,7 +411,8 @@ class Room:
     def _forget(self, session: Session) -> None:
         del self._by_addr[session.addr]
         del self._by_key[session.key]
-        host = _host(session.addr)
+        del self._by_silence[session.addr]
+        host = session.host
         self._per_host[host] -= 1
         if not self._per_host[host]:
             del self._per_host[host]
@@ -353,6 +449,3 @@ class Room:
         out, self._out = self._out, []
         return out
 
-
-def _host(addr: Addr) -> Any:
-    return addr[0] if isinstance(addr, tuple) else addr

@@ -125,9 +125,13 @@ class Server:
         self.send_errors: Counter[str] = Counter()
         self.selector = selectors.DefaultSelector()
         self._stop_reason: str | None = None
-        # events any stranger can cause, each kind logged at a bounded rate
+        # events any stranger can cause (a forged L and Q is a join and a leave), each
+        # kind logged at a bounded rate with a count of what was left out
         self._stranger_logs = {"datagram_dropped": (log_mod.BoundedRate(), "warning"),
-                               "login_refused": (log_mod.BoundedRate(), "info")}
+                               "datagram_failed": (log_mod.BoundedRate(), "exception"),
+                               "login_refused": (log_mod.BoundedRate(), "info"),
+                               "user_joined": (log_mod.BoundedRate(), "info"),
+                               "user_left": (log_mod.BoundedRate(), "info")}
         self._icmp_pending = False  # an ICMP error was reported: drain the error queue
         self._signalled = False  # a signal arrived and waits for the loop
         self._backlog: deque[tuple[bytes, Sequence[Any]]] = deque()
@@ -234,7 +238,7 @@ class Server:
                 self.deliver(room.receive(addr, data, time.monotonic()))
             except Exception:  # a datagram can never stop the server
                 counters["internal_errors"] += 1
-                log.exception("datagram_failed", addr=format_addr(addr))
+                self._log_bounded("datagram_failed", {"addr": format_addr(addr)})
             if room.events:
                 self.log_room_events()
         if self._icmp_pending:
@@ -424,7 +428,7 @@ class Server:
             "users": len(self.room),
             "max_users": self.settings.room.max_users,
             "config": self.config_path,
-            "counters": dict(self.counters),
+            "counters": {**self.counters, **self.room.counters},
             "drops": dict(self.room.drops),
             "send_errors": dict(self.send_errors),
             "kernel_drops": self.kernel_drops(),

@@ -29,6 +29,9 @@ FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "kicked": frozenset({"reason"}),
     "kick_notice": frozenset({"name", "reason"}),
     "shutdown": frozenset(),
+    "evicted": frozenset(),
+    "verify_required": frozenset(),
+    "cookie_invalid": frozenset(),
 }
 
 LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
@@ -49,6 +52,9 @@ LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
         "kicked": "\nyou were removed from the room: {reason}",
         "kick_notice": "\n{name} was removed from the room: {reason}",
         "shutdown": "\nthe server is shutting down",
+        "evicted": "\nyou were removed from the room: silent too long while it was full",
+        "verify_required": "\nverify your address first",
+        "cookie_invalid": "\ncookie expired: log in again",
     },
     "zh_CN": {
         "joined": "\n欢迎 {name} 进入聊天室",
@@ -67,6 +73,9 @@ LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
         "kicked": "\n你已被移出聊天室: {reason}",
         "kick_notice": "\n{name} 被移出聊天室: {reason}",
         "shutdown": "\n服务器正在关闭",
+        "evicted": "\n聊天室已满, 你因长时间未发言被移出",
+        "verify_required": "\n请先验证地址",
+        "cookie_invalid": "\n验证已过期, 请重新登录",
     },
 }
 

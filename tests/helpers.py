@@ -241,14 +241,22 @@ class UdpUser:
             return
         raise AssertionError(f"unexpected datagram {data!r}")
 
-    def login(self, name: str | None = None) -> bytes:
+    def cookie(self) -> str:
+        """Ask for an address cookie (``H``, padded to the size of the answer)."""
+        self.send(b"H " + b"." * 62)
+        data = self.recv()
+        assert data.startswith(b"COOKIE "), data
+        return data.split()[1].decode()
+
+    def login(self, name: str | None = None, verify: bool = False) -> bytes:
+        """``L name``; with ``verify``, with a cookie, as chat-client logs in."""
         if name is not None:
             self.name = name
-        self.send(f"L {self.name}")
+        self.send(f"L {self.name} {self.cookie()}" if verify else f"L {self.name}")
         return self.recv()
 
-    def join(self, name: str) -> UdpUser:
-        answer = self.login(name)
+    def join(self, name: str, verify: bool = False) -> UdpUser:
+        answer = self.login(name, verify)
         assert answer == b"OK", answer
         return self
 

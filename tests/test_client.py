@@ -25,6 +25,7 @@ from helpers import UdpUser, free_udp_port, wait_for
 
 from chatd.client import net
 from chatd.client.session import ClientSession, Joined
+from chatd.protocol import HELLO
 
 CLIENT = [sys.executable, "-m", "chatd.cli.client"]
 
@@ -190,7 +191,7 @@ def test_silent_server_gets_three_tries_then_exit_1():
                 break
     assert done.returncode == 1
     assert "no answer from" in done.stderr
-    assert tries == [b"L ann"] * 3
+    assert tries == [HELLO] * 3
 
 
 def test_login_falls_back_to_the_next_address(chatd, users):
@@ -369,7 +370,9 @@ def test_hostile_server_text_is_shown_escaped(clients):
         fake.settimeout(5)
         ann = clients("127.0.0.1", str(fake.getsockname()[1]), "--name", "ann")
         data, client_addr = fake.recvfrom(1024)
-        assert data == b"L ann"
+        assert data == HELLO
+        fake.sendto(b"COOKIE tok", client_addr)
+        assert fake.recvfrom(1024)[0] == b"L ann tok"
         fake.sendto(b"OK", client_addr)
         fake.sendto(b"\nmallory says: \x1b[2J\x1b]0;pwned\x07 bad \xff\xfe end\r\n", client_addr)
         fake.sendto("\ncafé \u009b2J 中文".encode(), client_addr)

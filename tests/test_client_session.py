@@ -22,6 +22,7 @@ from chatd.client.session import (
     State,
     name_error,
 )
+from chatd.protocol import HELLO
 
 
 def joined(**kwargs) -> ClientSession:
@@ -35,24 +36,33 @@ def joined(**kwargs) -> ClientSession:
 # -- login ----------------------------------------------------------------------
 
 
-def test_login_sends_L_and_joins_on_OK():
+def test_login_proves_the_address_then_sends_L_with_the_cookie_and_joins_on_OK():
     session = ClientSession()
     session.login("alice", now=0.0)
-    assert session.take_datagrams() == [b"L alice"]
+    (hello,) = session.take_datagrams()
+    assert hello.startswith(b"H ") and len(hello) >= 29  # padded: the answer is no larger
+    assert session.receive(b"COOKIE abc", now=0.05) == []
+    assert session.take_datagrams() == [b"L alice abc"]
     assert session.receive(b"OK", now=0.1) == [Joined("alice")]
     assert session.state is State.IN_ROOM
+
+
+def test_a_cookie_nobody_asked_for_is_ignored():
+    session = joined()
+    assert session.receive(b"COOKIE abc", now=1.0) == []
+    assert session.take_datagrams() == []
 
 
 def test_login_is_retried_then_gives_up():
     session = ClientSession(timeout=1.0, login_tries=3)
     session.login("alice", now=0.0)
-    assert session.take_datagrams() == [b"L alice"]
+    assert session.take_datagrams() == [HELLO]
     assert session.tick(0.5) == []
     assert session.take_datagrams() == []
     assert session.tick(1.0) == []
-    assert session.take_datagrams() == [b"L alice"]
+    assert session.take_datagrams() == [HELLO]
     assert session.tick(2.0) == []
-    assert session.take_datagrams() == [b"L alice"]
+    assert session.take_datagrams() == [HELLO]
     assert session.tick(3.0) == [NoAnswer()]
     assert session.take_datagrams() == []
     assert session.state is State.IDLE
@@ -66,7 +76,9 @@ def test_refusal_text_is_returned_and_another_name_can_be_tried():
         Refused("the name alice is already taken")]
     assert session.state is State.IDLE
     session.login("alice2", now=0.2)
-    assert session.take_datagrams() == [b"L alice", b"L alice2"]
+    assert session.take_datagrams() == [HELLO, HELLO]
+    session.receive(b"COOKIE t", 0.25)
+    assert session.take_datagrams() == [b"L alice2 t"]
     assert session.receive(b"OK", 0.3) == [Joined("alice2")]
 
 
@@ -141,12 +153,12 @@ def test_missed_pongs_lose_the_connection_then_OK_reconnects():
         assert session.take_datagrams() == [b"P alice"]
     assert session.tick(40.0) == [ConnectionLost()]
     assert session.state is State.LOST
-    assert session.take_datagrams() == [b"L alice"]
+    assert session.take_datagrams() == [HELLO]
     with pytest.raises(NotConnected):
         session.say("hi")
     assert session.tick(45.0) == []
     assert session.tick(50.0) == []
-    assert session.take_datagrams() == [b"L alice"]  # retried every keepalive, forever
+    assert session.take_datagrams() == [HELLO]  # retried every keepalive, forever
     assert session.receive(b"OK", 50.1) == [Reconnected("alice")]
     assert session.state is State.IN_ROOM
     assert session.next_deadline() == pytest.approx(60.1)

@@ -77,6 +77,8 @@ def _default_text(key: str, value: object) -> str:
     """A SCHEMA default as the page writes it."""
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, dict):
         return "{}"
     if key in ("daemon.umask", "control.mode"):

@@ -150,9 +150,15 @@ def make(plugins: dict | None = None, *, clock=None, **extra) -> tuple[Room, Plu
     return room, manager
 
 
+def verified_login(room: Room, addr, name: str, now: float = 0.0) -> bytes:
+    """``L name COOKIE``: a client that proved its address gets more than one datagram back."""
+    token = room.cookies.issue(addr, now).split()[1].decode()
+    return f"L {name} {token}".encode()
+
+
 def join(room: Room, *pairs) -> None:
     for addr, name in pairs:
-        assert to(addr, room.receive(addr, f"L {name}".encode(), 0.0))[0] == b"OK"
+        assert to(addr, room.receive(addr, verified_login(room, addr, name), 0.0))[0] == b"OK"
 
 
 def state(manager: PluginManager, name: str) -> dict[str, Any]:
@@ -433,7 +439,7 @@ def test_history_keeps_size_lines_and_trims_the_file(tmp_path, monkeypatch):
     join(room, (A, "alice"))
     for i in range(7):
         room.receive(A, f"C alice line {i}".encode(), 1)
-    assert to(B, room.receive(B, b"L bob", 1)) == [
+    assert to(B, room.receive(B, verified_login(room, B, "bob", 1), 1)) == [
         b"OK", b"\nalice says: line 5", b"\nalice says: line 6"]
     manager.shutdown()
     rows = sqlite3.connect(path).execute("SELECT count(*) FROM lines").fetchone()[0]
@@ -446,7 +452,7 @@ def test_history_resizes_on_reload_without_forgetting():
     for i in range(4):
         room.receive(A, f"C alice {i}".encode(), 1)
     manager.reconfigure({"history": {"size": 2}})
-    assert to(B, room.receive(B, b"L bob", 1)) == [
+    assert to(B, room.receive(B, verified_login(room, B, "bob", 1), 1)) == [
         b"OK", b"\nalice says: 2", b"\nalice says: 3"]
 
 
@@ -457,7 +463,7 @@ def test_who_splits_a_long_list_without_splitting_names():
     manager.startup()
     names = [f"user{i:02d}" for i in range(20)]
     for i, name in enumerate(names):
-        room.receive(("10.0.1.1", i), f"L {name}".encode(), 0)
+        room.receive(("10.0.1.1", i), verified_login(room, ("10.0.1.1", i), name), 0)
     texts = [p.decode() for p in to(("10.0.1.1", 0),
                                      room.receive(("10.0.1.1", 0), b"C user00 /who", 1))]
     assert len(texts) > 1 and all(len(t.encode()) <= 64 and t.startswith("\n") for t in texts)
@@ -488,10 +494,11 @@ def test_motd_file_is_reread_on_every_reload(tmp_path):
     motd.write_text("first\n")
     settings = {"motd": {"file": str(motd)}}
     room, manager = make(settings)
-    assert to(A, room.receive(A, b"L alice", 0)) == [b"OK", b"\nfirst"]
+    assert to(A, room.receive(A, verified_login(room, A, "alice"), 0)) == [b"OK", b"\nfirst"]
     motd.write_text("second\nline two\n")
     manager.reconfigure(settings)  # same options: the file is read again all the same
-    assert to(B, room.receive(B, b"L bob", 0)) == [b"OK", b"\nsecond\nline two"]
+    assert to(B, room.receive(B, verified_login(room, B, "bob"), 0)) == [
+        b"OK", b"\nsecond\nline two"]
 
 
 def test_unrelated_reload_keeps_the_rate_limit_buckets():

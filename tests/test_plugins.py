@@ -136,7 +136,7 @@ def test_motd_follows_ok(make_chatd, tmp_path, source):
     server = make_chatd({"plugins": {"motd": options}})
     user = UdpUser(server.addr)
     try:
-        assert user.login("alice") == b"OK"
+        assert user.login("alice", verify=True) == b"OK"
         assert user.recv_text() == "\nwelcome to the room\nbe nice"
         next_is_pong(user)
     finally:
@@ -152,7 +152,7 @@ def test_history_replays_after_ok_and_survives_a_restart(make_chatd, people, tmp
     alice.ping()
     bob = UdpUser(first.addr)
     try:
-        assert bob.login("bob") == b"OK"
+        assert bob.login("bob", verify=True) == b"OK"
         assert [bob.recv_text() for _ in range(3)] == [
             "\nalice says: line 2", "\nalice says: line 3", "\nalice says: line 4"]
         next_is_pong(bob)
@@ -163,7 +163,7 @@ def test_history_replays_after_ok_and_survives_a_restart(make_chatd, people, tmp
     second = make_chatd(overrides)
     carol = UdpUser(second.addr)
     try:
-        assert carol.login("carol") == b"OK"
+        assert carol.login("carol", verify=True) == b"OK"
         assert [carol.recv_text() for _ in range(3)] == [
             "\nalice says: line 2", "\nalice says: line 3", "\nalice says: line 4"]
         next_is_pong(carol)

@@ -27,7 +27,7 @@ def test_login_ok_then_others_hear_of_it():
     assert flat(room.receive(A, b"L alice", 0)) == [(A, b"OK")]
     assert flat(room.receive(B, b"L bob", 0)) == [(B, b"OK"), (A, b"\nbob joined the room")]
     assert [s.name for s in room.sessions()] == ["alice", "bob"]
-    assert ("user_joined", {"name": "bob", "addr": B}) in room.events
+    assert ("user_joined", {"name": "bob", "addr": B, "verified": False}) in room.events
 
 
 def test_repeated_login_same_name_same_address_is_ok_again():

@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 def _who(users: list[dict[str, Any]]) -> str:
     if not users:
         return "no users"
-    rows = [("NAME", "ADDRESS", "LOGIN (UTC)", "IDLE")] + [
-        (u["name"], u["addr"], u["login_time"], f"{u['idle']:.0f}s") for u in users]
+    rows = [("NAME", "ADDRESS", "LOGIN (UTC)", "IDLE", "VERIFIED")] + [
+        (u["name"], u["addr"], u["login_time"], f"{u['idle']:.0f}s",
+         "yes" if u.get("verified") else "no") for u in users]
     return _table(rows)
 
 

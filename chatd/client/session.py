@@ -8,7 +8,8 @@ instead of sleeping.
 
 UDP loses datagrams, so every exchange that matters has a deadline: ``L`` is
 retried, ``P`` is counted until it is answered, ``Q`` waits for ``EXIT`` only
-so long.
+so long. Every login proves the client's address first: ``H`` asks for a
+cookie, and ``L name cookie`` follows as soon as it arrives (chatd.cookies).
 """
 
 from __future__ import annotations
@@ -202,6 +203,12 @@ class ClientSession:
     def receive(self, datagram: bytes, now: float) -> list[Event]:
         """Everything one datagram from the server means."""
         state = self.state
+        cookie = protocol.cookie_of(datagram)
+        if cookie is not None:
+            if state in (State.LOGGING_IN, State.LOST):
+                assert self.name is not None
+                self._outbox.append(protocol.encode(protocol.Login(self.name, cookie)))
+            return []
         if state is State.LOGGING_IN:
             if datagram == protocol.OK:
                 self._enter_room(now)
@@ -276,8 +283,8 @@ class ClientSession:
     # -- internals ------------------------------------------------------------
 
     def _send_login(self, now: float, every: float | None = None) -> None:
-        assert self.name is not None
-        self._outbox.append(protocol.encode(protocol.Login(self.name)))
+        """Start a login: the cookie's arrival sends the ``L`` itself."""
+        self._outbox.append(protocol.HELLO)
         self._tries += 1
         self._deadline = now + (every if every is not None else self.timeout)
 

@@ -27,6 +27,9 @@ class User:
 
     name: str
     addr: Addr
+    #: logged in with an address cookie; an unverified address may be forged, so it gets
+    #: one datagram of reply per datagram it sends (see :meth:`RoomAPI.reply_budget`)
+    verified: bool = False
 
 
 class RoomAPI:
@@ -58,10 +61,17 @@ class RoomAPI:
     def user(self, name: str) -> User | None:
         """The person called ``name`` (compared as the room compares names), or None."""
         session = self._room.session(name)
-        return None if session is None else User(session.name, session.addr)
+        return None if session is None else User(session.name, session.addr, session.verified)
 
     def __len__(self) -> int:
         return len(self._room)
+
+    def reply_budget(self, name: str) -> int | None:
+        """How many datagrams an answer to ``name`` may take: 1 when ``name``'s address is
+        unverified (the room drops any more), None for no limit. A long answer to a limited
+        user should fit in one datagram and say what it left out."""
+        user = self.user(name)
+        return 1 if user is not None and not user.verified else None
 
     # -- saying things ---------------------------------------------------------
 

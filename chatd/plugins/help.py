@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
-from chatd.plugins.text import pack
+from chatd.plugins.text import pack, pack_one
 
 
 class Help(Plugin):
@@ -24,6 +24,9 @@ class Help(Plugin):
             return None
         commands = self.room.commands()
         lines = ["commands:", *(commands[c] for c in sorted(commands))]
+        if self.room.reply_budget(name) == 1:
+            self.room.send(name, pack_one(lines, self.room.max_bytes, "\n"))
+            return True
         for text in pack(lines, self.room.max_bytes, "\n"):
             self.room.send(name, text)
         return True

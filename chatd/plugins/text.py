@@ -13,6 +13,24 @@ def cut(text: str, limit: int) -> str:
     return data[:limit].decode("utf-8", "ignore")
 
 
+def pack_one(parts: list[str], limit: int, sep: str = "\n") -> str:
+    """As many of ``parts`` as fit in one text of ``limit`` bytes, ending with
+    ``…and N more`` when some did not fit (for a reader who gets one datagram)."""
+    sep_size = len(sep.encode())
+    sizes = [len(part.encode()) for part in parts]
+    total = 1 + sum(sizes) + sep_size * max(0, len(parts) - 1)  # 1: the leading "\n"
+    if total <= limit:
+        return "\n" + sep.join(parts)
+    size, shown = 1, 0
+    for part_size in sizes:
+        tail = sep_size + len(f"…and {len(parts) - shown - 1} more".encode())
+        if size + (sep_size if shown else 0) + part_size + tail > limit:
+            break
+        size += (sep_size if shown else 0) + part_size
+        shown += 1
+    return cut("\n" + sep.join([*parts[:shown], f"…and {len(parts) - shown} more"]), limit)
+
+
 def pack(parts: Iterable[str], limit: int, sep: str = "\n") -> list[str]:
     """Join ``parts`` with ``sep`` into texts that start with ``"\\n"`` and fit in ``limit`` bytes.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
-from chatd.plugins.text import pack
+from chatd.plugins.text import pack, pack_one
 
 
 class Who(Plugin):
@@ -19,8 +19,12 @@ class Who(Plugin):
         if command != "who":
             return None
         names = self.room.users()
+        parts = [f"in the room ({len(names)}):", *names]
+        if self.room.reply_budget(name) == 1:
+            self.room.send(name, pack_one(parts, self.room.max_bytes, " "))
+            return True
         # a big room does not fit in one datagram: names are never split across two
-        for text in pack([f"in the room ({len(names)}):", *names], self.room.max_bytes, " "):
+        for text in pack(parts, self.room.max_bytes, " "):
             self.room.send(name, text)
         return True
 
