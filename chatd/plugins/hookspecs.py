@@ -107,7 +107,9 @@ def chatd_said(name: str, text: str) -> None:
 
 @hookspec
 def chatd_left(name: str, reason: str) -> None:
-    """``name`` is out of the room: ``reason`` is ``quit``, ``timeout`` or ``kicked``.
+    """``name`` is out of the room: ``reason`` is ``quit``, ``timeout``, ``kicked``,
+    ``unreachable`` (the kernel reported its address unreachable) or ``evicted`` (a
+    login into the full room replaced it after a long silence).
 
     Not called at server stop (``chatd_shutdown`` is).
     """
