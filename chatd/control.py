@@ -36,6 +36,7 @@ from chatd.config import ControlSettings
 
 log = structlog.get_logger("chatd")
 
+#: longest request line, and longest FIFO or terminal line, in bytes (without the newline)
 MAX_REQUEST = 64 * 1024
 CONNECTION_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32
@@ -98,6 +99,48 @@ def parse_line(line: str) -> dict[str, Any] | None:
         return {"cmd": verb, "args": {}}
     values = rest.split(" ", len(names) - 1) if names and rest else []
     return {"cmd": verb, "args": dict(zip(names, values, strict=False))}
+
+
+
+class LineSplitter:
+    """Cuts a byte stream (the FIFO, a terminal) into lines of at most ``limit`` bytes.
+
+    A longer line is dropped whole, up to and including its newline. Keeping
+    only its tail would run text the writer never meant as a command
+    (``say <128 KiB of padding> kick bob``), so once a line is over the limit
+    everything up to the next newline is skipped.
+    """
+
+    def __init__(self, limit: int = MAX_REQUEST):
+        self.limit = limit
+        self._partial = b""
+        self._discarding = False
+
+    def feed(self, data: bytes) -> tuple[list[bytes], int]:
+        """The complete lines in ``data``, and how many over-long lines began to be dropped."""
+        lines: list[bytes] = []
+        too_long = 0
+        while data:
+            cut = data.find(b"\n")
+            if self._discarding:
+                if cut < 0:
+                    return lines, too_long
+                self._discarding = False
+                data = data[cut + 1:]
+                continue
+            if cut < 0:
+                self._partial += data
+                if len(self._partial) > self.limit:
+                    self._partial = b""
+                    self._discarding = True
+                    too_long += 1
+                return lines, too_long
+            line, self._partial, data = self._partial + data[:cut], b"", data[cut + 1:]
+            if len(line) > self.limit:
+                too_long += 1
+            else:
+                lines.append(line)
+        return lines, too_long
 
 
 # -- peer checks --------------------------------------------------------------------
@@ -257,8 +300,8 @@ class AdminChild:
             os.unlink(self.settings.socket)  # ours: we just bound it
             raise
         self._identities = self._current_identities()
-        self._fifo_buffer = b""
-        self._terminal_buffer = b""
+        self._fifo_lines = LineSplitter()
+        self._terminal_lines = LineSplitter()
         self._channel_buffer = b""
         self._next_id = 0
         self._pending: dict[int, int | None] = {}  # request id -> peer fd (None: no reply)
@@ -443,30 +486,27 @@ class AdminChild:
     # -- FIFO and terminal lines -------------------------------------------------------
 
     def _read_fifo(self, key: Any, mask: int) -> None:
-        self._fifo_buffer = self._lines(os.read(self.fifo, 65536), self._fifo_buffer, "fifo")
+        self._lines(os.read(self.fifo, 65536), self._fifo_lines, "fifo")
 
     def _read_terminal(self, key: Any, mask: int) -> None:
         data = os.read(sys.stdin.fileno(), 65536)
         if not data:
             self.selector.unregister(sys.stdin.fileno())
             return
-        self._terminal_buffer = self._lines(data, self._terminal_buffer, "terminal",
-                                            default_verb="say")
+        self._lines(data, self._terminal_lines, "terminal", default_verb="say")
 
-    def _lines(self, data: bytes, buffer: bytes, source: str, default_verb: str = "") -> bytes:
-        buffer += data
-        if len(buffer) > MAX_REQUEST and b"\n" not in buffer:
-            log.warning("control_line_too_long", source=source)
-            return b""
-        while b"\n" in buffer:
-            raw, buffer = buffer.split(b"\n", 1)
+    def _lines(self, data: bytes, splitter: LineSplitter, source: str,
+               default_verb: str = "") -> None:
+        lines, too_long = splitter.feed(data)
+        for _ in range(too_long):
+            log.warning("control_line_too_long", source=source, limit=MAX_REQUEST)
+        for raw in lines:
             line = raw.decode("utf-8", "replace")
             if default_verb and line.strip():
                 line = f"{default_verb} {line}"
             request = parse_line(line)
             if request is not None:
                 self._relay(request, None)
-        return buffer
 
 
 def _try_send(conn: socket.socket, answer: dict[str, Any]) -> None:

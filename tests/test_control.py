@@ -18,6 +18,8 @@ import pytest
 import yaml
 from helpers import Notifications, UdpUser, wait_for, write_config
 
+from chatd import control
+
 
 def chatctl(server, *args, timeout=30):
     return subprocess.run([sys.executable, "-m", "chatd.cli.chatctl", "-c", str(server.config),
@@ -307,3 +309,67 @@ def test_lines_typed_at_chatd_run_are_said(tmp_path):
         child.close(force=True)
         alice.close()
         notify.close()
+
+
+# -- limits of the control channel --------------------------------------------------------
+
+
+def write_fifo(path, data: bytes, chunk: int = 4096) -> None:
+    """Write ``data`` in pieces, as a long line really arrives: a pipe write is atomic
+    only up to PIPE_BUF, so the reader sees it in several reads."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:chunk]):]
+    finally:
+        os.close(fd)
+
+
+def events_named(server, name):
+    return [e for e in server.log_events() if e["event"] == name]
+
+
+def test_line_splitter_drops_an_over_long_line_whole():
+    splitter = control.LineSplitter(limit=8)
+    assert splitter.feed(b"say hi\nsay") == ([b"say hi"], 0)
+    assert splitter.feed(b" 12345") == ([], 1)  # "say 12345" is 9 bytes: from here on dropped
+    assert splitter.feed(b"kick bob") == ([], 0)  # still the same line, never a line of its own
+    assert splitter.feed(b"\nsay ok\n") == ([b"say ok"], 0)
+    assert splitter.feed(b"123456789\nabc\n") == ([b"abc"], 1)  # whole and over: dropped too
+    assert splitter.feed(b"1234") == ([], 0)
+    assert splitter.feed(b"5678\n") == ([b"12345678"], 0)  # exactly at the limit: kept
+    attack = b"say " + b"A" * 20 + b"kick bob\nsay ok\n"
+    lines, too_long = [], 0
+    for byte in attack:  # however the reads fall
+        got, dropped = splitter.feed(bytes([byte]))
+        lines += got
+        too_long += dropped
+    assert (lines, too_long) == ([b"say ok"], 1)
+
+
+@pytest.mark.parametrize("padding", [b"A", b" "], ids=["letters", "spaces"])
+def test_fifo_never_runs_the_tail_of_an_over_long_line(users, chatd, padding):
+    alice, bob = users("alice"), users("bob")
+    assert alice.recv_text() == "\nbob joined the room"
+    fifo = chatd.runtime_dir / "control.fifo"
+    write_fifo(fifo, b"say " + padding * (128 * 1024) + b"kick bob\n")
+    write_fifo(fifo, b"say after\n")
+    assert bob.recv_text() == "\nadmin says: after"  # not "you were removed ..."
+    assert alice.recv_text() == "\nadmin says: after"
+    assert sorted(u["name"] for u in chatctl_json(chatd, "who")) == ["alice", "bob"]
+    # chatctl's answer came after the daemon's answers to the FIFO lines, so the log is complete
+    assert events_named(chatd, "control_line_failed") == []  # no tail ran as a line either
+    [too_long] = events_named(chatd, "control_line_too_long")
+    assert too_long["source"] == "fifo"
+
+
+def test_fifo_line_at_the_limit_is_run(users, chatd):
+    alice = users("alice")
+    fifo = chatd.runtime_dir / "control.fifo"
+    at_limit = b"say hi" + b" " * (control.MAX_REQUEST - len(b"say hi"))
+    write_fifo(fifo, at_limit + b"\n")
+    write_fifo(fifo, b"say no" + b" " * (control.MAX_REQUEST + 1 - len(b"say no")) + b"\n")
+    write_fifo(fifo, b"say after\n")
+    assert alice.recv_text() == "\nadmin says: hi"
+    assert alice.recv_text() == "\nadmin says: after"
