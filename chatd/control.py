@@ -3,7 +3,7 @@
 The admin child is forked by the daemon and owns everything a local admin
 can reach: the Unix socket (``control.sock``), the FIFO, and a terminal on
 stdin under ``chatd run``. It checks who is connecting, bounds every request
-(size, time, number at once) and relays requests to the daemon as JSON lines
+(size, nesting, time, number at once) and relays requests to the daemon as JSON lines
 over a socketpair. A slow or hostile peer costs the child, never the room.
 
 Wire format, both on the control socket and the socketpair: one JSON object
@@ -20,6 +20,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import selectors
 import signal
 import socket
@@ -28,6 +29,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import structlog
@@ -38,6 +40,8 @@ log = structlog.get_logger("chatd")
 
 #: longest request line, and longest FIFO or terminal line, in bytes (without the newline)
 MAX_REQUEST = 64 * 1024
+#: deepest nesting of arrays and objects in a request; a real one needs 2
+MAX_DEPTH = 32
 CONNECTION_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32
 #: verbs a FIFO line or a terminal line may use, and how the rest of the line maps to args
@@ -141,6 +145,39 @@ class LineSplitter:
             else:
                 lines.append(line)
         return lines, too_long
+
+
+
+# a JSON string, closed or not: brackets inside it are text
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nesting_depth(text: str) -> int:
+    """How deep arrays and objects nest in ``text``, counted without parsing it.
+
+    The json module recurses once per level and a deep enough request would
+    end the admin child with RecursionError; counting first keeps the bound
+    independent of the interpreter's recursion limit and of the stack in use.
+    Brackets inside strings are skipped as the parser skips them. Up to the
+    first error the parser would stop at, the count equals its depth, so it
+    is never lower. The work is done in C (regular expressions, accumulate):
+    a 64 KiB line of brackets costs milliseconds.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(0, max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0))
+
+
+def decode_request(line: bytes) -> Any:
+    """One request line as JSON; ValueError says what is wrong with it."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return json.loads(text)
 
 
 # -- peer checks --------------------------------------------------------------------
@@ -426,18 +463,18 @@ class AdminChild:
                 self._close(peer)
                 return
             peer.inbox += data
-            if b"\n" in peer.inbox:
-                line = peer.inbox.split(b"\n", 1)[0]
+            line, newline, _ = peer.inbox.partition(b"\n")
+            if len(line) > MAX_REQUEST:  # also when the newline came in the same read
+                self._answer(key.fd, {"ok": False,
+                                      "error": f"request larger than {MAX_REQUEST} bytes"})
+            elif newline:
                 peer.waiting = True
                 try:
-                    request = json.loads(line)
+                    request = decode_request(line)
                 except ValueError as exc:
                     self._answer(key.fd, {"ok": False, "error": f"malformed request: {exc}"})
                     return
                 self._relay(request, key.fd)
-            elif len(peer.inbox) > MAX_REQUEST:
-                self._answer(key.fd, {"ok": False,
-                                      "error": f"request larger than {MAX_REQUEST} bytes"})
 
     def _answer(self, peer_fd: int | None, answer: dict[str, Any]) -> None:
         if peer_fd is None:

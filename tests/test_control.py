@@ -373,3 +373,34 @@ def test_fifo_line_at_the_limit_is_run(users, chatd):
     write_fifo(fifo, b"say after\n")
     assert alice.recv_text() == "\nadmin says: hi"
     assert alice.recv_text() == "\nadmin says: after"
+
+
+@pytest.mark.parametrize(("text", "depth"), [
+    ('{"cmd": "who", "args": {}}', 2),
+    ('{"a": "[[{ \\" [[", "b": [[1]], "c": "\\\\"}', 3),  # brackets and escapes in strings
+    ('"[[[[', 0),  # an unclosed string runs to the end, as the parser reads it
+    ("[" * 10_000, 10_000),
+])
+def test_nesting_depth_matches_the_parser(text, depth):
+    assert control.nesting_depth(text) == depth
+
+
+def test_deeply_nested_request_is_answered_and_the_child_lives(chatd):
+    path = chatd.runtime_dir / "control.sock"
+    child = chatctl_json(chatd, "status")["admin_child_pid"]
+
+    def status_with(arg: bytes) -> dict:
+        return raw_request(path, b'{"cmd": "status", "args": {"x": ' + arg + b"}}\n")
+
+    huge = raw_request(path, b"[" * 100_000 + b"\n")
+    assert huge["ok"] is False and "larger than" in huge["error"]
+    deep = status_with(b"[" * 30_000 + b"]" * 30_000)  # well within the size limit
+    assert deep["ok"] is False
+    assert f"nested deeper than {control.MAX_DEPTH} levels" in deep["error"]
+    inner = control.MAX_DEPTH - 2  # the request object and its args are two levels
+    assert status_with(b"[" * inner + b"]" * inner)["ok"] is True
+    over = status_with(b"[" * (inner + 1) + b"]" * (inner + 1))
+    assert over["ok"] is False and "nested deeper" in over["error"]
+    assert status_with(b'"' + b"[{" * 1000 + b'\\"[{"')["ok"] is True  # inside a string
+    assert raw_request(path, b'{"cmd": "who", "args": {}}\xff\n')["ok"] is False
+    assert chatctl_json(chatd, "status")["admin_child_pid"] == child
