@@ -314,6 +314,14 @@ class _Peer:
     outbox: bytes = b""
     waiting: bool = False  # a request is with the daemon
     closing: bool = False
+    last_active: float = 0.0  # when it connected or last sent something
+    pid: int = 0
+    uid: int = 0
+
+    @property
+    def idle(self) -> bool:
+        """Connected, but no complete request yet: the one to drop when the table is full."""
+        return not self.waiting and not self.closing
 
 
 @dataclass
@@ -431,20 +439,41 @@ class AdminChild:
             return
         conn.setblocking(False)
         pid, uid, gid = peer_credentials(conn)
-        if len(self.peers) >= MAX_CONNECTIONS:
-            _try_send(conn, {"ok": False, "error": "too many control connections, try again"})
-            conn.close()
-            log.warning("control_refused", reason="too many connections", pid=pid, uid=uid)
-            return
+        # who first: a refused stranger must never push out an allowed peer's connection
         if not peer_allowed(uid, gid, self.daemon_uid, self.group_gid, self.members):
             _try_send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
                              "use the control socket"})
             conn.close()
-            log.warning("control_refused", reason="permission denied", pid=pid, uid=uid)
+            log.warning("control_refused", reason="permission denied", peer_pid=pid,
+                        uid=uid)
             return
-        peer = _Peer(conn, time.monotonic() + CONNECTION_TIMEOUT)
+        if len(self.peers) >= MAX_CONNECTIONS and not self._evict_idle_peer():
+            _try_send(conn, {"ok": False, "error": "too many control connections, try again"})
+            conn.close()
+            log.warning("control_refused", reason="too many connections", peer_pid=pid,
+                        uid=uid)
+            return
+        now = time.monotonic()
+        peer = _Peer(conn, now + CONNECTION_TIMEOUT, last_active=now, pid=pid, uid=uid)
         self.peers[conn.fileno()] = peer
         self.selector.register(conn, selectors.EVENT_READ, self._peer_event)
+
+    def _evict_idle_peer(self) -> bool:
+        """Make room by closing the connection idle longest; False if every one is busy.
+
+        Connections that only sit there would otherwise lock chatctl out
+        until they time out, and a peer can open them faster than that.
+        """
+        idle = [peer for peer in self.peers.values() if peer.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda peer: peer.last_active)
+        _try_send(victim.sock, {"ok": False, "error": "closed: too many control connections, "
+                                "and this one had sent no request"})
+        log.warning("control_peer_evicted", reason="too many connections, idle longest",
+                    peer_pid=victim.pid, uid=victim.uid)
+        self._close(victim)
+        return True
 
     def _peer_event(self, key: Any, mask: int) -> None:
         peer = self.peers.get(key.fd)
@@ -462,6 +491,7 @@ class AdminChild:
             if not data:
                 self._close(peer)
                 return
+            peer.last_active = time.monotonic()
             peer.inbox += data
             line, newline, _ = peer.inbox.partition(b"\n")
             if len(line) > MAX_REQUEST:  # also when the newline came in the same read

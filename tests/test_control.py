@@ -404,3 +404,23 @@ def test_deeply_nested_request_is_answered_and_the_child_lives(chatd):
     assert status_with(b'"' + b"[{" * 1000 + b'\\"[{"')["ok"] is True  # inside a string
     assert raw_request(path, b'{"cmd": "who", "args": {}}\xff\n')["ok"] is False
     assert chatctl_json(chatd, "status")["admin_child_pid"] == child
+
+
+def test_idle_connections_do_not_lock_chatctl_out(chatd):
+    path = str(chatd.runtime_dir / "control.sock")
+    held = []
+    try:
+        for _ in range(control.MAX_CONNECTIONS):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            held.append(sock)
+        answer = control.request(path, "status")
+        assert answer["ok"] is True, answer
+        held[0].settimeout(5)
+        notice = json.loads(held[0].recv(65536))  # the oldest idle one made room
+        assert notice["ok"] is False and "too many control connections" in notice["error"]
+        [evicted] = events_named(chatd, "control_peer_evicted")
+        assert evicted["peer_pid"] == os.getpid()
+    finally:
+        for sock in held:
+            sock.close()
