@@ -34,6 +34,7 @@ from typing import Any
 
 import structlog
 
+from chatd import log as log_mod
 from chatd.config import ControlSettings
 
 log = structlog.get_logger("chatd")
@@ -105,7 +106,6 @@ def parse_line(line: str) -> dict[str, Any] | None:
     return {"cmd": verb, "args": dict(zip(names, values, strict=False))}
 
 
-
 class LineSplitter:
     """Cuts a byte stream (the FIFO, a terminal) into lines of at most ``limit`` bytes.
 
@@ -145,7 +145,6 @@ class LineSplitter:
             else:
                 lines.append(line)
         return lines, too_long
-
 
 
 # a JSON string, closed or not: brackets inside it are text
@@ -347,6 +346,10 @@ class AdminChild:
         self._identities = self._current_identities()
         self._fifo_lines = LineSplitter()
         self._terminal_lines = LineSplitter()
+        # lines any local peer can cause, each kind logged at a bounded rate
+        self._peer_logs = {name: log_mod.BoundedRate() for name in (
+            "control_refused", "control_peer_evicted", "control_peer_timeout",
+            "control_line_too_long", "control_line_failed")}
         self._channel_buffer = b""
         self._next_id = 0
         self._pending: dict[int, int | None] = {}  # request id -> peer fd (None: no reply)
@@ -398,6 +401,16 @@ class AdminChild:
         log.warning("control_files_recreated", socket=self.settings.socket,
                     fifo=self.settings.fifo)
 
+    def _log_bounded(self, name: str, **fields: Any) -> None:
+        """A warning a local peer can cause: a flood of them costs a few lines a second."""
+        rate = self._peer_logs[name]
+        if not rate.allow():
+            return
+        suppressed = rate.take_suppressed()
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        log.warning(name, **fields)
+
     # -- the daemon side ----------------------------------------------------------
 
     def _send_daemon(self, message: dict[str, Any]) -> None:
@@ -426,7 +439,7 @@ class AdminChild:
             peer_fd = self._pending.pop(answer.pop("id", None), None)
             if peer_fd is None:
                 if not answer.get("ok"):
-                    log.warning("control_line_failed", error=answer.get("error"))
+                    self._log_bounded("control_line_failed", error=answer.get("error"))
                 continue
             self._answer(peer_fd, answer)
 
@@ -444,14 +457,14 @@ class AdminChild:
             _try_send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
                              "use the control socket"})
             conn.close()
-            log.warning("control_refused", reason="permission denied", peer_pid=pid,
-                        uid=uid)
+            self._log_bounded("control_refused", reason="permission denied",
+                              peer_pid=pid, uid=uid)
             return
         if len(self.peers) >= MAX_CONNECTIONS and not self._evict_idle_peer():
             _try_send(conn, {"ok": False, "error": "too many control connections, try again"})
             conn.close()
-            log.warning("control_refused", reason="too many connections", peer_pid=pid,
-                        uid=uid)
+            self._log_bounded("control_refused", reason="too many connections",
+                              peer_pid=pid, uid=uid)
             return
         now = time.monotonic()
         peer = _Peer(conn, now + CONNECTION_TIMEOUT, last_active=now, pid=pid, uid=uid)
@@ -470,8 +483,8 @@ class AdminChild:
         victim = min(idle, key=lambda peer: peer.last_active)
         _try_send(victim.sock, {"ok": False, "error": "closed: too many control connections, "
                                 "and this one had sent no request"})
-        log.warning("control_peer_evicted", reason="too many connections, idle longest",
-                    peer_pid=victim.pid, uid=victim.uid)
+        self._log_bounded("control_peer_evicted", reason="too many connections, idle longest",
+                          peer_pid=victim.pid, uid=victim.uid)
         self._close(victim)
         return True
 
@@ -509,7 +522,7 @@ class AdminChild:
     def _answer(self, peer_fd: int | None, answer: dict[str, Any]) -> None:
         if peer_fd is None:
             if not answer.get("ok"):
-                log.warning("control_line_failed", error=answer.get("error"))
+                self._log_bounded("control_line_failed", error=answer.get("error"))
             return
         peer = self.peers.get(peer_fd)
         if peer is None:
@@ -547,7 +560,7 @@ class AdminChild:
         now = time.monotonic()
         for peer in list(self.peers.values()):
             if now > peer.deadline:
-                log.warning("control_peer_timeout", fd=peer.sock.fileno())
+                self._log_bounded("control_peer_timeout", peer_pid=peer.pid, uid=peer.uid)
                 self._close(peer)
 
     # -- FIFO and terminal lines -------------------------------------------------------
@@ -566,7 +579,7 @@ class AdminChild:
                default_verb: str = "") -> None:
         lines, too_long = splitter.feed(data)
         for _ in range(too_long):
-            log.warning("control_line_too_long", source=source, limit=MAX_REQUEST)
+            self._log_bounded("control_line_too_long", source=source, limit=MAX_REQUEST)
         for raw in lines:
             line = raw.decode("utf-8", "replace")
             if default_verb and line.strip():

@@ -19,6 +19,7 @@ import yaml
 from helpers import Notifications, UdpUser, wait_for, write_config
 
 from chatd import control
+from chatd.log import BoundedRate
 
 
 def chatctl(server, *args, timeout=30):
@@ -424,3 +425,65 @@ def test_idle_connections_do_not_lock_chatctl_out(chatd):
     finally:
         for sock in held:
             sock.close()
+
+
+@pytest.fixture
+def reachable_socket(tmp_path):
+    """A control socket path in a directory anybody can enter, so only the peer check refuses."""
+    shared = tempfile.mkdtemp(prefix="chatd-test-", dir="/tmp")
+    os.chmod(shared, 0o755)
+    yield os.path.join(shared, "control.sock")
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def as_nobody(work):
+    """Run ``work()`` in a forked child that became "nobody"; its JSON-able result."""
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            result = work()
+        except BaseException as exc:  # reported to the parent, which fails the test
+            result = {"exception": repr(exc)}
+        finally:
+            os.write(write_end, json.dumps(result).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        result = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert not (isinstance(result, dict) and "exception" in result), result
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_refused_peers_are_logged_at_a_bounded_rate(make_chatd, reachable_socket):
+    server = make_chatd({"control": {"mode": "0666", "socket": reachable_socket}})
+    before = server.log_path.stat().st_size
+    flood = 2000
+
+    def refused() -> bool:
+        answer = raw_request(reachable_socket, b'{"cmd": "who"}\n')
+        return "permission denied" in answer.get("error", "")
+
+    started = time.monotonic()
+    assert as_nobody(lambda: sum(refused() for _ in range(flood))) == flood
+
+    def flood_accounted_for():
+        """Every refusal of the flood is in the log, as a line of its own or in a count; the
+        last ones are counted when a later refusal is logged, so keep being refused."""
+        assert as_nobody(refused)
+        lines = events_named(server, "control_refused")
+        return sum(1 + e.get("suppressed_since_last", 0) for e in lines) >= flood and lines
+
+    lines = wait_for(flood_accounted_for, timeout=30, interval=0.1,
+                     what="the flood's refusals to be logged or counted")
+    elapsed = time.monotonic() - started
+    assert any(e.get("suppressed_since_last", 0) > 0 for e in lines)
+    rate = BoundedRate()
+    assert len(lines) <= rate.burst + rate.per_second * elapsed + 1
+    assert server.log_path.stat().st_size - before < 64 * 1024
