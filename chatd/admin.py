@@ -197,7 +197,9 @@ class AdminSupervisor:
     def _handle_line(self, line: bytes) -> None:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # the child checks requests; the room stays up
+            message = None
+        if not isinstance(message, dict):
             log.error("admin_channel_garbage")
             return
         if "event" in message:

@@ -3,7 +3,7 @@
 The admin child is forked by the daemon and owns everything a local admin
 can reach: the Unix socket (``control.sock``), the FIFO, and a terminal on
 stdin under ``chatd run``. It checks who is connecting, bounds every request
-(size, time, number at once) and relays requests to the daemon as JSON lines
+(size, nesting, time, number at once) and relays requests to the daemon as JSON lines
 over a socketpair. A slow or hostile peer costs the child, never the room.
 
 Wire format, both on the control socket and the socketpair: one JSON object
@@ -20,6 +20,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import selectors
 import signal
 import socket
@@ -28,15 +29,20 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import structlog
 
+from chatd import log as log_mod
 from chatd.config import ControlSettings
 
 log = structlog.get_logger("chatd")
 
+#: longest request line, and longest FIFO or terminal line, in bytes (without the newline)
 MAX_REQUEST = 64 * 1024
+#: deepest nesting of arrays and objects in a request; a real one needs 2
+MAX_DEPTH = 32
 CONNECTION_TIMEOUT = 5.0
 MAX_CONNECTIONS = 32
 #: verbs a FIFO line or a terminal line may use, and how the rest of the line maps to args
@@ -98,6 +104,79 @@ def parse_line(line: str) -> dict[str, Any] | None:
         return {"cmd": verb, "args": {}}
     values = rest.split(" ", len(names) - 1) if names and rest else []
     return {"cmd": verb, "args": dict(zip(names, values, strict=False))}
+
+
+class LineSplitter:
+    """Cuts a byte stream (the FIFO, a terminal) into lines of at most ``limit`` bytes.
+
+    A longer line is dropped whole, up to and including its newline. Keeping
+    only its tail would run text the writer never meant as a command
+    (``say <128 KiB of padding> kick bob``), so once a line is over the limit
+    everything up to the next newline is skipped.
+    """
+
+    def __init__(self, limit: int = MAX_REQUEST):
+        self.limit = limit
+        self._partial = b""
+        self._discarding = False
+
+    def feed(self, data: bytes) -> tuple[list[bytes], int]:
+        """The complete lines in ``data``, and how many over-long lines began to be dropped."""
+        lines: list[bytes] = []
+        too_long = 0
+        while data:
+            cut = data.find(b"\n")
+            if self._discarding:
+                if cut < 0:
+                    return lines, too_long
+                self._discarding = False
+                data = data[cut + 1:]
+                continue
+            if cut < 0:
+                self._partial += data
+                if len(self._partial) > self.limit:
+                    self._partial = b""
+                    self._discarding = True
+                    too_long += 1
+                return lines, too_long
+            line, self._partial, data = self._partial + data[:cut], b"", data[cut + 1:]
+            if len(line) > self.limit:
+                too_long += 1
+            else:
+                lines.append(line)
+        return lines, too_long
+
+
+# a JSON string, closed or not: brackets inside it are text
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nesting_depth(text: str) -> int:
+    """How deep arrays and objects nest in ``text``, counted without parsing it.
+
+    The json module recurses once per level and a deep enough request would
+    end the admin child with RecursionError; counting first keeps the bound
+    independent of the interpreter's recursion limit and of the stack in use.
+    Brackets inside strings are skipped as the parser skips them. Up to the
+    first error the parser would stop at, the count equals its depth, so it
+    is never lower. The work is done in C (regular expressions, accumulate):
+    a 64 KiB line of brackets costs milliseconds.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(0, max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0))
+
+
+def decode_request(line: bytes) -> Any:
+    """One request line as JSON; ValueError says what is wrong with it."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return json.loads(text)
 
 
 # -- peer checks --------------------------------------------------------------------
@@ -234,6 +313,14 @@ class _Peer:
     outbox: bytes = b""
     waiting: bool = False  # a request is with the daemon
     closing: bool = False
+    last_active: float = 0.0  # when it connected or last sent something
+    pid: int = 0
+    uid: int = 0
+
+    @property
+    def idle(self) -> bool:
+        """Connected, but no complete request yet: the one to drop when the table is full."""
+        return not self.waiting and not self.closing
 
 
 @dataclass
@@ -257,8 +344,12 @@ class AdminChild:
             os.unlink(self.settings.socket)  # ours: we just bound it
             raise
         self._identities = self._current_identities()
-        self._fifo_buffer = b""
-        self._terminal_buffer = b""
+        self._fifo_lines = LineSplitter()
+        self._terminal_lines = LineSplitter()
+        # lines any local peer can cause, each kind logged at a bounded rate
+        self._peer_logs = {name: log_mod.BoundedRate() for name in (
+            "control_refused", "control_peer_evicted", "control_peer_timeout",
+            "control_line_too_long", "control_line_failed")}
         self._channel_buffer = b""
         self._next_id = 0
         self._pending: dict[int, int | None] = {}  # request id -> peer fd (None: no reply)
@@ -310,6 +401,16 @@ class AdminChild:
         log.warning("control_files_recreated", socket=self.settings.socket,
                     fifo=self.settings.fifo)
 
+    def _log_bounded(self, name: str, **fields: Any) -> None:
+        """A warning a local peer can cause: a flood of them costs a few lines a second."""
+        rate = self._peer_logs[name]
+        if not rate.allow():
+            return
+        suppressed = rate.take_suppressed()
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        log.warning(name, **fields)
+
     # -- the daemon side ----------------------------------------------------------
 
     def _send_daemon(self, message: dict[str, Any]) -> None:
@@ -338,7 +439,7 @@ class AdminChild:
             peer_fd = self._pending.pop(answer.pop("id", None), None)
             if peer_fd is None:
                 if not answer.get("ok"):
-                    log.warning("control_line_failed", error=answer.get("error"))
+                    self._log_bounded("control_line_failed", error=answer.get("error"))
                 continue
             self._answer(peer_fd, answer)
 
@@ -351,20 +452,41 @@ class AdminChild:
             return
         conn.setblocking(False)
         pid, uid, gid = peer_credentials(conn)
-        if len(self.peers) >= MAX_CONNECTIONS:
-            _try_send(conn, {"ok": False, "error": "too many control connections, try again"})
-            conn.close()
-            log.warning("control_refused", reason="too many connections", pid=pid, uid=uid)
-            return
+        # who first: a refused stranger must never push out an allowed peer's connection
         if not peer_allowed(uid, gid, self.daemon_uid, self.group_gid, self.members):
             _try_send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
                              "use the control socket"})
             conn.close()
-            log.warning("control_refused", reason="permission denied", pid=pid, uid=uid)
+            self._log_bounded("control_refused", reason="permission denied",
+                              peer_pid=pid, uid=uid)
             return
-        peer = _Peer(conn, time.monotonic() + CONNECTION_TIMEOUT)
+        if len(self.peers) >= MAX_CONNECTIONS and not self._evict_idle_peer():
+            _try_send(conn, {"ok": False, "error": "too many control connections, try again"})
+            conn.close()
+            self._log_bounded("control_refused", reason="too many connections",
+                              peer_pid=pid, uid=uid)
+            return
+        now = time.monotonic()
+        peer = _Peer(conn, now + CONNECTION_TIMEOUT, last_active=now, pid=pid, uid=uid)
         self.peers[conn.fileno()] = peer
         self.selector.register(conn, selectors.EVENT_READ, self._peer_event)
+
+    def _evict_idle_peer(self) -> bool:
+        """Make room by closing the connection idle longest; False if every one is busy.
+
+        Connections that only sit there would otherwise lock chatctl out
+        until they time out, and a peer can open them faster than that.
+        """
+        idle = [peer for peer in self.peers.values() if peer.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda peer: peer.last_active)
+        _try_send(victim.sock, {"ok": False, "error": "closed: too many control connections, "
+                                "and this one had sent no request"})
+        self._log_bounded("control_peer_evicted", reason="too many connections, idle longest",
+                          peer_pid=victim.pid, uid=victim.uid)
+        self._close(victim)
+        return True
 
     def _peer_event(self, key: Any, mask: int) -> None:
         peer = self.peers.get(key.fd)
@@ -382,24 +504,25 @@ class AdminChild:
             if not data:
                 self._close(peer)
                 return
+            peer.last_active = time.monotonic()
             peer.inbox += data
-            if b"\n" in peer.inbox:
-                line = peer.inbox.split(b"\n", 1)[0]
+            line, newline, _ = peer.inbox.partition(b"\n")
+            if len(line) > MAX_REQUEST:  # also when the newline came in the same read
+                self._answer(key.fd, {"ok": False,
+                                      "error": f"request larger than {MAX_REQUEST} bytes"})
+            elif newline:
                 peer.waiting = True
                 try:
-                    request = json.loads(line)
+                    request = decode_request(line)
                 except ValueError as exc:
                     self._answer(key.fd, {"ok": False, "error": f"malformed request: {exc}"})
                     return
                 self._relay(request, key.fd)
-            elif len(peer.inbox) > MAX_REQUEST:
-                self._answer(key.fd, {"ok": False,
-                                      "error": f"request larger than {MAX_REQUEST} bytes"})
 
     def _answer(self, peer_fd: int | None, answer: dict[str, Any]) -> None:
         if peer_fd is None:
             if not answer.get("ok"):
-                log.warning("control_line_failed", error=answer.get("error"))
+                self._log_bounded("control_line_failed", error=answer.get("error"))
             return
         peer = self.peers.get(peer_fd)
         if peer is None:
@@ -437,36 +560,33 @@ class AdminChild:
         now = time.monotonic()
         for peer in list(self.peers.values()):
             if now > peer.deadline:
-                log.warning("control_peer_timeout", fd=peer.sock.fileno())
+                self._log_bounded("control_peer_timeout", peer_pid=peer.pid, uid=peer.uid)
                 self._close(peer)
 
     # -- FIFO and terminal lines -------------------------------------------------------
 
     def _read_fifo(self, key: Any, mask: int) -> None:
-        self._fifo_buffer = self._lines(os.read(self.fifo, 65536), self._fifo_buffer, "fifo")
+        self._lines(os.read(self.fifo, 65536), self._fifo_lines, "fifo")
 
     def _read_terminal(self, key: Any, mask: int) -> None:
         data = os.read(sys.stdin.fileno(), 65536)
         if not data:
             self.selector.unregister(sys.stdin.fileno())
             return
-        self._terminal_buffer = self._lines(data, self._terminal_buffer, "terminal",
-                                            default_verb="say")
+        self._lines(data, self._terminal_lines, "terminal", default_verb="say")
 
-    def _lines(self, data: bytes, buffer: bytes, source: str, default_verb: str = "") -> bytes:
-        buffer += data
-        if len(buffer) > MAX_REQUEST and b"\n" not in buffer:
-            log.warning("control_line_too_long", source=source)
-            return b""
-        while b"\n" in buffer:
-            raw, buffer = buffer.split(b"\n", 1)
+    def _lines(self, data: bytes, splitter: LineSplitter, source: str,
+               default_verb: str = "") -> None:
+        lines, too_long = splitter.feed(data)
+        for _ in range(too_long):
+            self._log_bounded("control_line_too_long", source=source, limit=MAX_REQUEST)
+        for raw in lines:
             line = raw.decode("utf-8", "replace")
             if default_verb and line.strip():
                 line = f"{default_verb} {line}"
             request = parse_line(line)
             if request is not None:
                 self._relay(request, None)
-        return buffer
 
 
 def _try_send(conn: socket.socket, answer: dict[str, Any]) -> None:

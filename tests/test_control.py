@@ -18,6 +18,9 @@ import pytest
 import yaml
 from helpers import Notifications, UdpUser, wait_for, write_config
 
+from chatd import control
+from chatd.log import BoundedRate
+
 
 def chatctl(server, *args, timeout=30):
     return subprocess.run([sys.executable, "-m", "chatd.cli.chatctl", "-c", str(server.config),
@@ -307,3 +310,180 @@ def test_lines_typed_at_chatd_run_are_said(tmp_path):
         child.close(force=True)
         alice.close()
         notify.close()
+
+
+# -- limits of the control channel --------------------------------------------------------
+
+
+def write_fifo(path, data: bytes, chunk: int = 4096) -> None:
+    """Write ``data`` in pieces, as a long line really arrives: a pipe write is atomic
+    only up to PIPE_BUF, so the reader sees it in several reads."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:chunk]):]
+    finally:
+        os.close(fd)
+
+
+def events_named(server, name):
+    return [e for e in server.log_events() if e["event"] == name]
+
+
+def test_line_splitter_drops_an_over_long_line_whole():
+    splitter = control.LineSplitter(limit=8)
+    assert splitter.feed(b"say hi\nsay") == ([b"say hi"], 0)
+    assert splitter.feed(b" 12345") == ([], 1)  # "say 12345" is 9 bytes: from here on dropped
+    assert splitter.feed(b"kick bob") == ([], 0)  # still the same line, never a line of its own
+    assert splitter.feed(b"\nsay ok\n") == ([b"say ok"], 0)
+    assert splitter.feed(b"123456789\nabc\n") == ([b"abc"], 1)  # whole and over: dropped too
+    assert splitter.feed(b"1234") == ([], 0)
+    assert splitter.feed(b"5678\n") == ([b"12345678"], 0)  # exactly at the limit: kept
+    attack = b"say " + b"A" * 20 + b"kick bob\nsay ok\n"
+    lines, too_long = [], 0
+    for byte in attack:  # however the reads fall
+        got, dropped = splitter.feed(bytes([byte]))
+        lines += got
+        too_long += dropped
+    assert (lines, too_long) == ([b"say ok"], 1)
+
+
+@pytest.mark.parametrize("padding", [b"A", b" "], ids=["letters", "spaces"])
+def test_fifo_never_runs_the_tail_of_an_over_long_line(users, chatd, padding):
+    alice, bob = users("alice"), users("bob")
+    assert alice.recv_text() == "\nbob joined the room"
+    fifo = chatd.runtime_dir / "control.fifo"
+    write_fifo(fifo, b"say " + padding * (128 * 1024) + b"kick bob\n")
+    write_fifo(fifo, b"say after\n")
+    assert bob.recv_text() == "\nadmin says: after"  # not "you were removed ..."
+    assert alice.recv_text() == "\nadmin says: after"
+    assert sorted(u["name"] for u in chatctl_json(chatd, "who")) == ["alice", "bob"]
+    # chatctl's answer came after the daemon's answers to the FIFO lines, so the log is complete
+    assert events_named(chatd, "control_line_failed") == []  # no tail ran as a line either
+    [too_long] = events_named(chatd, "control_line_too_long")
+    assert too_long["source"] == "fifo"
+
+
+def test_fifo_line_at_the_limit_is_run(users, chatd):
+    alice = users("alice")
+    fifo = chatd.runtime_dir / "control.fifo"
+    at_limit = b"say hi" + b" " * (control.MAX_REQUEST - len(b"say hi"))
+    write_fifo(fifo, at_limit + b"\n")
+    write_fifo(fifo, b"say no" + b" " * (control.MAX_REQUEST + 1 - len(b"say no")) + b"\n")
+    write_fifo(fifo, b"say after\n")
+    assert alice.recv_text() == "\nadmin says: hi"
+    assert alice.recv_text() == "\nadmin says: after"
+
+
+@pytest.mark.parametrize(("text", "depth"), [
+    ('{"cmd": "who", "args": {}}', 2),
+    ('{"a": "[[{ \\" [[", "b": [[1]], "c": "\\\\"}', 3),  # brackets and escapes in strings
+    ('"[[[[', 0),  # an unclosed string runs to the end, as the parser reads it
+    ("[" * 10_000, 10_000),
+])
+def test_nesting_depth_matches_the_parser(text, depth):
+    assert control.nesting_depth(text) == depth
+
+
+def test_deeply_nested_request_is_answered_and_the_child_lives(chatd):
+    path = chatd.runtime_dir / "control.sock"
+    child = chatctl_json(chatd, "status")["admin_child_pid"]
+
+    def status_with(arg: bytes) -> dict:
+        return raw_request(path, b'{"cmd": "status", "args": {"x": ' + arg + b"}}\n")
+
+    huge = raw_request(path, b"[" * 100_000 + b"\n")
+    assert huge["ok"] is False and "larger than" in huge["error"]
+    deep = status_with(b"[" * 30_000 + b"]" * 30_000)  # well within the size limit
+    assert deep["ok"] is False
+    assert f"nested deeper than {control.MAX_DEPTH} levels" in deep["error"]
+    inner = control.MAX_DEPTH - 2  # the request object and its args are two levels
+    assert status_with(b"[" * inner + b"]" * inner)["ok"] is True
+    over = status_with(b"[" * (inner + 1) + b"]" * (inner + 1))
+    assert over["ok"] is False and "nested deeper" in over["error"]
+    assert status_with(b'"' + b"[{" * 1000 + b'\\"[{"')["ok"] is True  # inside a string
+    assert raw_request(path, b'{"cmd": "who", "args": {}}\xff\n')["ok"] is False
+    assert chatctl_json(chatd, "status")["admin_child_pid"] == child
+
+
+def test_idle_connections_do_not_lock_chatctl_out(chatd):
+    path = str(chatd.runtime_dir / "control.sock")
+    held = []
+    try:
+        for _ in range(control.MAX_CONNECTIONS):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            held.append(sock)
+        answer = control.request(path, "status")
+        assert answer["ok"] is True, answer
+        held[0].settimeout(5)
+        notice = json.loads(held[0].recv(65536))  # the oldest idle one made room
+        assert notice["ok"] is False and "too many control connections" in notice["error"]
+        [evicted] = events_named(chatd, "control_peer_evicted")
+        assert evicted["peer_pid"] == os.getpid()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.fixture
+def reachable_socket(tmp_path):
+    """A control socket path in a directory anybody can enter, so only the peer check refuses."""
+    shared = tempfile.mkdtemp(prefix="chatd-test-", dir="/tmp")
+    os.chmod(shared, 0o755)
+    yield os.path.join(shared, "control.sock")
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def as_nobody(work):
+    """Run ``work()`` in a forked child that became "nobody"; its JSON-able result."""
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            result = work()
+        except BaseException as exc:  # reported to the parent, which fails the test
+            result = {"exception": repr(exc)}
+        finally:
+            os.write(write_end, json.dumps(result).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        result = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert not (isinstance(result, dict) and "exception" in result), result
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_refused_peers_are_logged_at_a_bounded_rate(make_chatd, reachable_socket):
+    server = make_chatd({"control": {"mode": "0666", "socket": reachable_socket}})
+    before = server.log_path.stat().st_size
+    flood = 2000
+
+    def refused() -> bool:
+        answer = raw_request(reachable_socket, b'{"cmd": "who"}\n')
+        return "permission denied" in answer.get("error", "")
+
+    started = time.monotonic()
+    assert as_nobody(lambda: sum(refused() for _ in range(flood))) == flood
+
+    def flood_accounted_for():
+        """Every refusal of the flood is in the log, as a line of its own or in a count; the
+        last ones are counted when a later refusal is logged, so keep being refused."""
+        assert as_nobody(refused)
+        lines = events_named(server, "control_refused")
+        return sum(1 + e.get("suppressed_since_last", 0) for e in lines) >= flood and lines
+
+    lines = wait_for(flood_accounted_for, timeout=30, interval=0.1,
+                     what="the flood's refusals to be logged or counted")
+    elapsed = time.monotonic() - started
+    assert any(e.get("suppressed_since_last", 0) > 0 for e in lines)
+    rate = BoundedRate()
+    assert len(lines) <= rate.burst + rate.per_second * elapsed + 1
+    assert server.log_path.stat().st_size - before < 64 * 1024
