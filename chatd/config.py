@@ -53,6 +53,7 @@ class RoomSettings:
     max_sessions_per_ip: int = 100
     announce_limit: int = 200
     unreachable_after: int = 3
+    unreachable_grace: float = 60.0
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(LOCALES["en"]))
 
     @property
@@ -186,6 +187,7 @@ SCHEMA: Mapping[str, tuple[Callable[[Any], Any], Any]] = {
     "room.max_sessions_per_ip": (_int(0, 1_000_000), RoomSettings.max_sessions_per_ip),
     "room.announce_limit": (_int(0, 1_000_000), RoomSettings.announce_limit),
     "room.unreachable_after": (_int(0, 1_000_000), RoomSettings.unreachable_after),
+    "room.unreachable_grace": (_number(0, 86400 * 365), RoomSettings.unreachable_grace),
     "room.templates": (_mapping, {}),
     "daemon.user": (_optional(_text), None),
     "daemon.group": (_optional(_text), None),
@@ -305,6 +307,7 @@ def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Se
         max_sessions_per_ip=get("room.max_sessions_per_ip"),
         announce_limit=get("room.announce_limit"),
         unreachable_after=get("room.unreachable_after"),
+        unreachable_grace=get("room.unreachable_grace"),
         templates=MappingProxyType(templates),
     )
     for path in ("control.socket", "control.fifo", "log.file"):

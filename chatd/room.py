@@ -19,6 +19,10 @@ from chatd.names import name_key, name_problem
 
 Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
 
+#: Seconds between two ICMP reports that both count against one session. Anyone can
+#: forge ICMP errors, and a burst of them must not be worth more than one report.
+UNREACHABLE_SPACING = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -37,6 +41,7 @@ class Session:
     last_seen: float  # monotonic seconds
     keepalive: bool = False  # has sent P at least once: only then can it time out
     unreachable: int = 0  # delivery failures reported by the kernel since it last spoke
+    unreachable_at: float | None = None  # monotonic time of the last report that counted
 
 
 class RoomHooks(Protocol):
@@ -118,8 +123,7 @@ class Room:
         if name_key(command.name) != session.key:
             self._drop("spoofed", addr, claimed=command.name, holder=session.name)
             return self._take()
-        session.last_seen = now
-        session.unreachable = 0
+        _heard_from(session, now)
         if isinstance(command, protocol.Chat):
             self._chat(session, command.text)
         elif isinstance(command, protocol.Ping):
@@ -140,17 +144,27 @@ class Room:
             self._leave(session, "timeout", "timed_out")
         return self._take()
 
-    def unreachable(self, addr: Addr) -> list[Delivery]:
+    def unreachable(self, addr: Addr, now: float) -> list[Delivery]:
         """The kernel says datagrams to ``addr`` cannot be delivered (ICMP errors).
 
         A client that vanished without ``Q`` (crash, closed laptop) would
-        otherwise stay in the room forever if it never sent keepalives.
+        otherwise stay in the room forever if it never sent keepalives. But
+        anyone can forge an ICMP error naming any address, so a report is
+        believed only about a session silent for ``unreachable_grace`` seconds
+        (one that sends keepalives never is), and only one report per
+        :data:`UNREACHABLE_SPACING` seconds counts: a burst is worth one.
         """
         session = self._by_addr.get(addr)
         limit = self.settings.unreachable_after
         if session is None or not limit:
             return self._take()
+        if now - session.last_seen < self.settings.unreachable_grace or (
+                session.unreachable_at is not None
+                and now - session.unreachable_at < UNREACHABLE_SPACING):
+            self.drops["icmp_ignored"] += 1
+            return self._take()
         session.unreachable += 1
+        session.unreachable_at = now
         if session.unreachable >= limit:
             self._leave(session, "unreachable", "unreachable")
         return self._take()
@@ -241,7 +255,7 @@ class Room:
         key = name_key(name)
         if session is not None:
             if session.key == key:  # our OK was lost: say it again
-                session.last_seen = now
+                _heard_from(session, now)
                 self._out.append(Delivery(protocol.OK, (addr,)))
             else:
                 self._refuse(addr, name, "other_session", "other_session", name=session.name)
@@ -352,6 +366,13 @@ class Room:
     def _take(self) -> list[Delivery]:
         out, self._out = self._out, []
         return out
+
+
+def _heard_from(session: Session, now: float) -> None:
+    """A word from the client: it is alive, whatever the kernel reported before."""
+    session.last_seen = now
+    session.unreachable = 0
+    session.unreachable_at = None
 
 
 def _host(addr: Addr) -> Any:

@@ -314,7 +314,7 @@ class Server:
             except OSError:
                 return
             self.counters["unreachable_reports"] += 1
-            self.deliver(self.room.unreachable(addr))
+            self.deliver(self.room.unreachable(addr, time.monotonic()))
             self.log_room_events()
         self._icmp_pending = True  # more than a batch: the rest on the next wakeup
 
