@@ -169,6 +169,12 @@ class Room:
             self._leave(session, "unreachable", "unreachable")
         return self._take()
 
+    def pause(self, seconds: float, now: float) -> None:
+        """The server did not read the socket for ``seconds`` (stopped, or busy):
+        that was not the clients' silence, so nobody's clock ran meanwhile."""
+        for session in self._by_addr.values():
+            session.last_seen = min(now, session.last_seen + seconds)
+
     def next_expiry(self) -> float | None:
         """The monotonic time at which :meth:`expire` next has work, if ever."""
         times = [s.last_seen for s in self._by_addr.values() if s.keepalive]

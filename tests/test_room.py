@@ -266,3 +266,13 @@ def test_reports_about_strangers_or_with_the_rule_off_change_nothing():
         assert room.unreachable(A, second) == [] and room.unreachable(B, second) == []
     assert not gone(room, "alice") and not room.drops
 
+
+def test_a_pause_of_the_server_is_nobodys_silence():
+    room = joined(make_room(session_timeout=10), (A, "alice"), (B, "bob"))
+    room.receive(A, b"P alice", 0)
+    room.receive(B, b"P bob", 8)
+    room.pause(20, now=28)  # the server stood still from 8 to 28
+    assert room.expire(28) == [] and len(room) == 2
+    assert room.next_expiry() == 30  # alice: 0 + 20 of the pause + 10
+    assert flat(room.expire(30.5)) == [(B, b"\nalice left the room (timed out)")]
+    assert room.session("bob").last_seen == 28  # never later than now
