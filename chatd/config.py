@@ -56,6 +56,7 @@ class RoomSettings:
     evict_idle_after: float = 600.0  # 0: a full room never evicts
     ipv6_prefix: int = 64  # per-address limits count an IPv6 /64 as one host
     require_verified: bool = False  # True: only clients that echoed an address cookie
+    unreachable_grace: float = 60.0
     templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(LOCALES["en"]))
 
     @property
@@ -198,6 +199,7 @@ SCHEMA: Mapping[str, tuple[Callable[[Any], Any], Any]] = {
     "room.evict_idle_after": (_number(0, 86400 * 365), RoomSettings.evict_idle_after),
     "room.ipv6_prefix": (_int(0, 128), RoomSettings.ipv6_prefix),
     "room.require_verified": (_bool, RoomSettings.require_verified),
+    "room.unreachable_grace": (_number(0, 86400 * 365), RoomSettings.unreachable_grace),
     "room.templates": (_mapping, {}),
     "daemon.user": (_optional(_text), None),
     "daemon.group": (_optional(_text), None),
@@ -320,6 +322,7 @@ def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Se
         evict_idle_after=get("room.evict_idle_after"),
         ipv6_prefix=get("room.ipv6_prefix"),
         require_verified=get("room.require_verified"),
+        unreachable_grace=get("room.unreachable_grace"),
         templates=MappingProxyType(templates),
     )
     for path in ("control.socket", "control.fifo", "log.file"):

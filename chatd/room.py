@@ -21,6 +21,10 @@ from chatd.names import name_key, name_problem
 
 Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
 
+#: Seconds between two ICMP reports that both count against one session. Anyone can
+#: forge ICMP errors, and a burst of them must not be worth more than one report.
+UNREACHABLE_SPACING = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -41,6 +45,7 @@ class Session:
     unreachable: int = 0  # delivery failures reported by the kernel since it last spoke
     verified: bool = False  # logged in with an address cookie: its address is its own
     host: str = ""  # what per-host limits count it against (chatd.hosts)
+    unreachable_at: float | None = None  # monotonic time of the last report that counted
 
 
 class RoomHooks(Protocol):
@@ -151,20 +156,36 @@ class Room:
             self._leave(session, "timeout", "timed_out")
         return self._take()
 
-    def unreachable(self, addr: Addr) -> list[Delivery]:
+    def unreachable(self, addr: Addr, now: float) -> list[Delivery]:
         """The kernel says datagrams to ``addr`` cannot be delivered (ICMP errors).
 
         A client that vanished without ``Q`` (crash, closed laptop) would
-        otherwise stay in the room forever if it never sent keepalives.
+        otherwise stay in the room forever if it never sent keepalives. But
+        anyone can forge an ICMP error naming any address, so a report is
+        believed only about a session silent for ``unreachable_grace`` seconds
+        (one that sends keepalives never is), and only one report per
+        :data:`UNREACHABLE_SPACING` seconds counts: a burst is worth one.
         """
         session = self._by_addr.get(addr)
         limit = self.settings.unreachable_after
         if session is None or not limit:
             return self._take()
+        if now - session.last_seen < self.settings.unreachable_grace or (
+                session.unreachable_at is not None
+                and now - session.unreachable_at < UNREACHABLE_SPACING):
+            self.drops["icmp_ignored"] += 1
+            return self._take()
         session.unreachable += 1
+        session.unreachable_at = now
         if session.unreachable >= limit:
             self._leave(session, "unreachable", "unreachable")
         return self._take()
+
+    def pause(self, seconds: float, now: float) -> None:
+        """The server did not read the socket for ``seconds`` (stopped, or busy):
+        that was not the clients' silence, so nobody's clock ran meanwhile."""
+        for session in self._by_addr.values():
+            session.last_seen = min(now, session.last_seen + seconds)
 
     def next_expiry(self) -> float | None:
         """The monotonic time at which :meth:`expire` next has work, if ever."""
@@ -320,8 +341,10 @@ class Room:
         self.hooks.joined(name)
 
     def _heard(self, session: Session, now: float) -> None:
+        """A word from the client: it is alive, whatever the kernel reported before."""
         session.last_seen = now
         session.unreachable = 0
+        session.unreachable_at = None
         self._by_silence.move_to_end(session.addr)
 
     def _longest_idle(self, now: float) -> Session | None:

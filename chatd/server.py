@@ -36,6 +36,11 @@ RECV_BUFFER = 65536
 #: Datagrams read per wakeup before the loop looks at its other inputs again.
 BATCH = 256
 TICK_SECONDS = 1.0
+#: The loop went this long without waiting for input (SIGSTOP, a slow reload, a
+#: starved host): a stall, which it catches up on before anything can expire.
+STALL_SECONDS = 1.0
+#: Datagrams read, at most, when catching up after a stall (a full receive buffer).
+CATCH_UP_LIMIT = 64 * 1024
 
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
@@ -188,12 +193,19 @@ class Server:
         self.notifier.ready(self.status_line())
         for callback in self.on_ready:
             callback()
+        listened = time.monotonic()  # the loop was waiting for input until then
         while self._stop_reason is None:
             now = time.monotonic()
+            if now - listened > STALL_SECONDS:
+                self._catch_up(now - listened)
+                now = time.monotonic()
             if now >= self._next_tick:
                 self._tick(now)
             timeout = max(0.0, self._next_tick - now)
-            for key, mask in self.selector.select(timeout):
+            ready = self.selector.select(timeout)
+            # not later than its timeout: a select that took longer was stopped
+            listened = min(time.monotonic(), now + timeout)
+            for key, mask in ready:
                 key.data(mask)
                 if self._stop_reason is not None:
                     break
@@ -214,6 +226,18 @@ class Server:
             self.notifier.notify(WATCHDOG=1, STATUS=self.status_line())
         for callback in self.on_tick:
             callback(now)
+
+    def _catch_up(self, stalled: float) -> None:
+        """The loop did not run for ``stalled`` seconds. That is no client's silence,
+        and what they sent meanwhile waits in the receive buffer: read it before any
+        session can expire (or its datagrams would be dropped as ``no_session``)."""
+        self.counters["loop_stalls"] += 1
+        log.warning("loop_stalled", seconds=round(stalled, 1))
+        self.room.pause(stalled, time.monotonic())
+        for _ in range(CATCH_UP_LIMIT // BATCH):
+            if self._signalled or not select.select([self.sock], [], [], 0)[0]:
+                break
+            self._on_datagrams()
 
     def _on_socket(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -318,7 +342,7 @@ class Server:
             except OSError:
                 return
             self.counters["unreachable_reports"] += 1
-            self.deliver(self.room.unreachable(addr))
+            self.deliver(self.room.unreachable(addr, time.monotonic()))
             self.log_room_events()
         self._icmp_pending = True  # more than a batch: the rest on the next wakeup
 

@@ -1,5 +1,5 @@
 """Faults that must not stop the room: a dying admin child, signal storms, a lost log
-file, a wiped runtime directory, and a wall clock that jumps."""
+file, a wiped runtime directory, a wall clock that jumps, and a loop that stood still."""
 
 import json
 import os
@@ -7,10 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from helpers import UdpUser, wait_for
+
+from chatd import control
 
 FAKETIME_LIBS = [Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
                  Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1")]
@@ -179,6 +182,40 @@ def test_wall_clock_jumps_do_not_expire_sessions(make_chatd, tmp_path):
             assert alice.ping() == b"PONG" and bob.ping() == b"PONG"
             exchange(alice, bob, 1, f"jump{jump}")
         assert status(server)["users"] == 2
+    finally:
+        alice.close()
+        bob.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_loop_expires_nobody_and_delivers_what_was_queued(make_chatd):
+    session_timeout = 4
+    server = make_chatd({"room": {"session_timeout": session_timeout}})
+    control_socket = str(server.runtime_dir / "control.sock")
+    alice, bob = pair(server)
+
+    def server_uptime() -> float:
+        return control.request(control_socket, "status")["result"]["uptime"]
+
+    try:
+        assert alice.ping() == b"PONG" and bob.ping() == b"PONG"  # both can time out now
+        server.signal(signal.SIGSTOP)
+        try:
+            for i in range(5):
+                alice.say(f"queued {i}")
+            time.sleep(2 * session_timeout)  # the stall is the fault under test
+        finally:
+            server.signal(signal.SIGCONT)
+        for i in range(5):
+            assert bob.recv_text(timeout=10) == f"\nalice says: queued {i}"
+        # nobody speaks until the loop has ticked (expired whoever it would) since it resumed
+        resumed = server_uptime()
+        wait_for(lambda: server_uptime() - resumed > 1.5, timeout=10, what="a tick of the server")
+        assert alice.ping() == b"PONG" and bob.ping() == b"PONG"
+        who = control.request(control_socket, "who")
+        assert sorted(user["name"] for user in who["result"]) == ["alice", "bob"]
+        assert [text for text in alice.drain() + bob.drain() if b"left the room" in text] == []
+        assert status(server)["counters"]["loop_stalls"] >= 1
     finally:
         alice.close()
         bob.close()

@@ -4,8 +4,10 @@ import json
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import UdpUser, wait_for
@@ -104,7 +106,7 @@ def test_sessions_per_ip_limit(make_chatd):
 
 
 def test_vanished_client_is_dropped_after_unreachable_reports(make_chatd):
-    server = make_chatd({"room": {"unreachable_after": 2}})
+    server = make_chatd({"room": {"unreachable_after": 1, "unreachable_grace": 1}})
     alice, ghost = UdpUser(server.addr), UdpUser(server.addr)
     try:
         alice.join("alice")
@@ -122,10 +124,62 @@ def test_vanished_client_is_dropped_after_unreachable_reports(make_chatd):
         wait_for(ghost_left, timeout=20, what="the unreachable session to be dropped")
         status = chatctl_json(server, "status")
         assert status["users"] == 1
-        assert status["counters"]["unreachable_reports"] >= 2
+        assert status["counters"]["unreachable_reports"] >= 1
         assert status["send_errors"].get("ECONNREFUSED", 0) >= 1
     finally:
         alice.close()
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def forged_port_unreachable(sender: tuple[str, int], receiver: tuple[str, int]) -> bytes:
+    """An ICMP "port unreachable" claiming that a UDP datagram from ``sender`` to
+    ``receiver`` bounced: what any host on the path (or anyone at all) can send."""
+    udp = struct.pack("!HHHH", sender[1], receiver[1], 8 + 16, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + 16, 0, 0x4000, 64, socket.IPPROTO_UDP,
+                     0, socket.inet_aton(sender[0]), socket.inet_aton(receiver[0]))
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    body = ip + udp
+    unreachable, port = 3, 3
+    icmp = struct.pack("!BBHI", unreachable, port, 0, 0) + body
+    return icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+
+
+@pytest.mark.timeout(60)
+def test_forged_icmp_errors_cannot_remove_someone_who_talks(make_chatd):
+    try:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    except PermissionError:
+        pytest.skip("forging ICMP errors needs a raw socket: run as root (or with CAP_NET_RAW)")
+    server = make_chatd()  # the defaults: unreachable_after 3, unreachable_grace 60
+    alice, bob = UdpUser(server.addr), UdpUser(server.addr)
+    try:
+        alice.join("alice")
+        bob.join("bob")
+        assert alice.recv_text() == "\nbob joined the room"
+        forged = forged_port_unreachable(server.addr, alice.addr)
+        for i in range(5):  # 20 forged errors in bursts, while alice talks every 0.5 s
+            for _ in range(4):
+                raw.sendto(forged, ("127.0.0.1", 0))
+            alice.say(f"line {i}")
+            assert bob.recv_text() == f"\nalice says: line {i}"
+            time.sleep(0.5)  # the pace of her talk, part of the scene
+        assert alice.ping() == b"PONG" and bob.ping() == b"PONG"
+        assert [t for t in alice.drain() + bob.drain() if b"left the room" in t] == []
+        status = chatctl_json(server, "status")
+        assert status["users"] == 2
+        assert status["drops"]["icmp_ignored"] == status["counters"]["unreachable_reports"] > 0
+    finally:
+        raw.close()
+        alice.close()
+        bob.close()
 
 
 def test_status_reports_kernel_drops(chatd):

@@ -204,3 +204,75 @@ def test_joins_and_leaves_are_not_announced_in_a_crowd():
     assert flat(room.receive(B, b"Q bob", 0)) == [(A, b"\nbob left the room"), (B, b"EXIT")]
     room = joined(make_room(announce_limit=1), (A, "alice"), (B, "bob"))
     assert flat(room.kick("bob", "x"))[-1] == (A, b"\nbob was removed from the room: x")
+
+
+# -- ICMP "unreachable" reports: anyone can forge them ---------------------------------
+
+def gone(room: Room, name: str) -> bool:
+    return room.session(name) is None
+
+
+def test_reports_about_a_session_that_spoke_within_the_grace_are_ignored():
+    room = joined(make_room(unreachable_after=3, unreachable_grace=60), (A, "alice"), (B, "bob"))
+    room.receive(A, b"C alice hi", 100)
+    for tenth in range(1000, 1600):  # ten forged reports a second, until 60 s after her line
+        assert room.unreachable(A, tenth / 10) == []
+    assert not gone(room, "alice")
+    assert room.drops["icmp_ignored"] == 600
+
+
+def test_a_burst_of_reports_counts_once_and_a_vanished_client_still_goes():
+    room = joined(make_room(unreachable_after=3, unreachable_grace=60), (A, "alice"), (B, "bob"))
+    for tenth in range(600, 800):  # silent for 60 s: believed, but 10 s count as one report
+        room.unreachable(A, tenth / 10)
+    assert not gone(room, "alice") and room.drops["icmp_ignored"] == 198  # 60 and 70 counted
+    assert flat(room.unreachable(A, 80)) == [(B, b"\nalice left the room (unreachable)")]
+    assert ("user_left", {"name": "alice", "addr": A, "reason": "unreachable"}) in room.events
+
+
+def test_a_word_from_the_session_starts_the_count_again():
+    room = joined(make_room(unreachable_after=2, unreachable_grace=60), (A, "alice"), (B, "bob"))
+    room.unreachable(A, 60)  # counts: silent since 0
+    room.receive(A, b"L alice", 65)  # a repeated login is a word too
+    room.unreachable(A, 124.9)  # within the grace of that word
+    room.unreachable(A, 125)  # the first report of a new count
+    assert not gone(room, "alice")
+    room.unreachable(A, 135)
+    assert gone(room, "alice")
+
+
+def test_keepalive_sessions_outlive_any_number_of_forged_reports():
+    room = joined(make_room(unreachable_after=1, unreachable_grace=60), (A, "alice"))
+    for second in range(3600):  # a P every 30 s (chat-client's default), a report every second
+        if second % 30 == 0:
+            room.receive(A, b"P alice", second)
+        room.unreachable(A, second + 0.5)
+    assert not gone(room, "alice")
+
+
+def test_no_grace_believes_a_report_at_once_but_still_spaces_them():
+    room = joined(make_room(unreachable_after=2, unreachable_grace=0), (A, "alice"))
+    room.receive(A, b"C alice hi", 5)
+    room.unreachable(A, 5)
+    room.unreachable(A, 14.9)
+    assert not gone(room, "alice")
+    room.unreachable(A, 15)
+    assert gone(room, "alice")
+
+
+def test_reports_about_strangers_or_with_the_rule_off_change_nothing():
+    room = joined(make_room(unreachable_after=0, unreachable_grace=0), (A, "alice"))
+    for second in range(100):
+        assert room.unreachable(A, second) == [] and room.unreachable(B, second) == []
+    assert not gone(room, "alice") and not room.drops
+
+
+def test_a_pause_of_the_server_is_nobodys_silence():
+    room = joined(make_room(session_timeout=10), (A, "alice"), (B, "bob"))
+    room.receive(A, b"P alice", 0)
+    room.receive(B, b"P bob", 8)
+    room.pause(20, now=28)  # the server stood still from 8 to 28
+    assert room.expire(28) == [] and len(room) == 2
+    assert room.next_expiry() == 30  # alice: 0 + 20 of the pause + 10
+    assert flat(room.expire(30.5)) == [(B, b"\nalice left the room (timed out)")]
+    assert room.session("bob").last_seen == 28  # never later than now
