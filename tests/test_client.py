@@ -260,6 +260,17 @@ def test_pipe_mode_sends_commands_and_slash_quit_leaves(chatd, users, clients):
     watcher.expect_nothing()
 
 
+def test_pipe_mode_shows_a_reply_of_several_lines_as_lines(chatd, users, clients):
+    watcher = users("watcher")
+    ann = clients(*port_args(chatd), "--name", "ann")
+    recv_until(watcher, "ann joined the room")
+    ann.send("/help")
+    ann.wait_line("/who - list the people in the room")
+    shown = ann.stdout[ann.stdout.index("commands:") + 1:]
+    assert [line.split(" - ")[0] for line in shown] == [
+        "/help", "/me ACTION", "/msg NAME TEXT", "/who"], shown
+
+
 def test_too_long_line_is_refused_locally(chatd, users, clients):
     watcher = users("watcher")
     ann = clients(*port_args(chatd), "--name", "ann", "--max-datagram", "64")
@@ -457,6 +468,18 @@ def test_terminal_ways_to_leave(chatd, users, terminals, keys):
     recv_until(bob, "alice joined the room")
     child.send(keys)
     assert recv_until(bob, "alice") == "\nalice left the room"
+    assert exit_status(child) == 0
+
+
+def test_terminal_shows_help_as_lines(chatd, users, terminals):
+    child = terminals(*port_args(chatd), "--name", "alice")
+    expect_screen(child, "alice>")
+    child.send("/help\r")
+    child.expect_exact("commands:")
+    child.expect(r"\r\n(?:\x1b\[[0-9;?]*[A-Za-z])*/help - list the commands")
+    child.expect_exact("/who - list the people in the room")
+    assert "\\x0a" not in child.before
+    child.sendcontrol("d")
     assert exit_status(child) == 0
 
 

@@ -126,11 +126,12 @@ def test_who_me_msg_help(make_chatd, people, plugin_pkg):
     assert alice.recv_text() == "\nno one called nobody is in the room"
 
     alice.say("/help")
-    help_text = alice.recv_text()
-    assert help_text.startswith("\ncommands:\n")
-    for usage in ("/help - ", "/me ACTION - ", "/msg NAME TEXT - ", "/who - ",
-                  "/shout TEXT - "):
-        assert usage in help_text
+    assert alice.recv_text() == "\ncommands:"
+    usages = [alice.recv_text() for _ in range(5)]  # one datagram per line
+    for usage, start in zip(usages, ("/help - ", "/me ACTION - ", "/msg NAME TEXT - ",
+                                      "/shout TEXT - ", "/who - "), strict=True):
+        assert usage.startswith("\n" + start) and "\n" not in usage[1:], usage
+    next_is_pong(alice)
 
     alice.say("/frobnicate")
     assert alice.recv_text() == "\nunknown command /frobnicate (try /help)"
@@ -164,7 +165,8 @@ def test_motd_follows_ok(make_chatd, tmp_path, source):
     user = UdpUser(server.addr)
     try:
         assert user.login("alice") == b"OK"
-        assert user.recv_text() == "\nwelcome to the room\nbe nice"
+        assert user.recv_text() == "\nwelcome to the room"
+        assert user.recv_text() == "\nbe nice"
         next_is_pong(user)
     finally:
         user.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
-from chatd.plugins.text import pack
+from chatd.plugins.text import lines
 
 
 class Help(Plugin):
@@ -23,8 +23,8 @@ class Help(Plugin):
         if command != "help":
             return None
         commands = self.room.commands()
-        lines = ["commands:", *(commands[c] for c in sorted(commands))]
-        for text in pack(lines, self.room.max_bytes, "\n"):
+        usages = ["commands:", *(commands[c] for c in sorted(commands))]
+        for text in lines(usages, self.room.max_bytes):
             self.room.send(name, text)
         return True
 
