@@ -483,6 +483,26 @@ def test_terminal_shows_help_as_lines(chatd, users, terminals):
     assert exit_status(child) == 0
 
 
+@pytest.mark.parametrize("report", ["\x1b[Mxyz", "\x1b[5M", "\x1b[<0;1M"])
+def test_terminal_stray_mouse_report_loses_nothing(chatd, users, terminals, report):
+    # Mouse reports the client never asked for (a program left reporting on, or
+    # typed by hand) once crashed prompt_toolkit's mouse handler mid-line.
+    bob = users("bob")
+    child = terminals(*port_args(chatd))
+    expect_screen(child, "your name:")
+    child.send(report + "alice\r")
+    child.expect_exact("you are in the room as alice")
+    expect_screen(child, "alice>")
+    child.send("hello ")
+    child.expect_exact("hello")
+    child.send(report + "world\r")
+    assert recv_until(bob, "alice says:") == "\nalice says: hello world"
+    child.sendcontrol("d")
+    assert recv_until(bob, "alice") == "\nalice left the room"
+    assert exit_status(child) == 0
+    assert "Unhandled exception" not in child.before
+
+
 def test_terminal_shutdown_while_prompting(chatd, users, terminals):
     users("bob")
     child = terminals(*port_args(chatd), "--name", "alice")
