@@ -16,15 +16,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml tests/plugin_pkg/pyproject.toml | $(BIN)/python
+# The test extras only: the tests install their plugins (tests/plugin_pkg) where
+# only their own servers look, so `chatctl plugins` after `make run` never lists them.
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps -e tests/plugin_pkg
 	touch $@ $(VENV)/.installed
 
+# A $(VENV) made by an older `make test` has the test plugins installed: take them out.
+STALE_TEST_PLUGINS = $(wildcard $(VENV)/lib/python*/site-packages/chatd_test_plugins-*.dist-info)
+DROP_STALE_TEST_PLUGINS = $(if $(STALE_TEST_PLUGINS),$(BIN)/pip uninstall -q -y chatd-test-plugins)
+
 run: $(VENV)/.installed
+	$(DROP_STALE_TEST_PLUGINS)
 	$(BIN)/chatd run
 
 test: $(VENV)/.installed-test
+	$(DROP_STALE_TEST_PLUGINS)
 	scripts/test-deps.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

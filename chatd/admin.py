@@ -279,8 +279,8 @@ def cmd_say(server: Server, args: dict[str, Any]) -> dict[str, Any]:
         deliveries = server.room.admin_say(text)
     except TextTooLong as exc:
         return _error(f"text too long: {exc}")
+    server.log_room_events()  # before the deliveries, as the server does
     server.deliver(deliveries)
-    server.log_room_events()
     return _ok({"users": len(server.room)})
 
 
@@ -303,8 +303,8 @@ def cmd_kick(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     deliveries = server.room.kick(name, reason)
     if deliveries is None:
         return _error(f"no such user: {name}")
+    server.log_room_events()  # before the deliveries, as the server does
     server.deliver(deliveries)
-    server.log_room_events()
     return _ok({"kicked": name, "reason": reason})
 
 

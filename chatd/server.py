@@ -218,8 +218,9 @@ class Server:
     def _tick(self, now: float) -> None:
         # a short WatchdogSec needs pings more often than once a second
         self._next_tick = now + min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
-        self.deliver(self.room.expire(now))
+        deliveries = self.room.expire(now)
         self.log_room_events()
+        self.deliver(deliveries)
         interval = self.notifier.watchdog_interval
         if interval and now >= self._next_watchdog:
             self._next_watchdog = now + interval
@@ -259,12 +260,13 @@ class Server:
                 continue
             counters["datagrams_in"] += 1
             try:
-                self.deliver(room.receive(addr, data, time.monotonic()))
+                deliveries = room.receive(addr, data, time.monotonic())
+                if room.events:  # logged first: whoever gets a reply finds its log line
+                    self.log_room_events()
+                self.deliver(deliveries)
             except Exception:  # a datagram can never stop the server
                 counters["internal_errors"] += 1
                 self._log_bounded("datagram_failed", {"addr": format_addr(addr)})
-            if room.events:
-                self.log_room_events()
         if self._icmp_pending:
             self._drain_error_queue()
 
@@ -342,8 +344,9 @@ class Server:
             except OSError:
                 return
             self.counters["unreachable_reports"] += 1
-            self.deliver(self.room.unreachable(addr, time.monotonic()))
+            deliveries = self.room.unreachable(addr, time.monotonic())
             self.log_room_events()
+            self.deliver(deliveries)
         self._icmp_pending = True  # more than a batch: the rest on the next wakeup
 
     def kernel_drops(self) -> int | None:
@@ -364,6 +367,11 @@ class Server:
     # -- logging what the room did ----------------------------------------------
 
     def log_room_events(self) -> None:
+        """Log what the room did; call it before sending the deliveries that go with it.
+
+        Then whoever receives a reply (a person, a script, a test) finds its
+        log line already written.
+        """
         events, self.room.events = self.room.events, []
         for name, fields in events:
             if "addr" in fields:
@@ -469,8 +477,9 @@ class Server:
         self.notifier.stopping()
         self.plugins.shutdown()
         self.deliver(self.room.take_output())
-        self.deliver(self.room.shutdown())
+        deliveries = self.room.shutdown()
         self.log_room_events()
+        self.deliver(deliveries)
         self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
         for callback in self.on_shutdown:
             callback()

@@ -92,11 +92,17 @@ install_package() {
     done
     tar -C "$src" --exclude=__pycache__ -cf - "${sources[@]}" | tar -C "$build_dir" -xf -
     say "installing chatd and its dependencies into $libdir"
+    local compile=()
+    [[ -n $DESTDIR ]] && compile=(--no-compile)  # compiled below, for the final path
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        --no-warn-script-location "$build_dir"
+        --no-warn-script-location "${compile[@]}" "$build_dir"
     if [[ -n $DESTDIR ]]; then  # relocate: the scripts must name the final interpreter
         { grep -rlF --null "$venv" "$venv/bin" "$venv/pyvenv.cfg" || true; } |
             xargs -0 -r sed -i "s|$venv|$libdir|g"
+        # and the compiled modules their final path, or tracebacks would name
+        # the staging directory (ensurepip compiled pip's under DESTDIR too)
+        "$venv/bin/python" -m compileall -q -f -d "$libdir/lib" "$venv/lib" >/dev/null ||
+            say "warning: some modules did not compile; Python compiles them when first imported"
     fi
     mkdir -p "$DESTDIR$bindir"
     for command in "${commands[@]}"; do

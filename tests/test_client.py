@@ -261,6 +261,17 @@ def test_pipe_mode_sends_commands_and_slash_quit_leaves(chatd, users, clients):
     watcher.expect_nothing()
 
 
+def test_pipe_mode_shows_a_reply_of_several_lines_as_lines(chatd, users, clients):
+    watcher = users("watcher")
+    ann = clients(*port_args(chatd), "--name", "ann")
+    recv_until(watcher, "ann joined the room")
+    ann.send("/help")
+    ann.wait_line("/who - list the people in the room")
+    shown = ann.stdout[ann.stdout.index("commands:") + 1:]
+    assert [line.split(" - ")[0] for line in shown] == [
+        "/help", "/me ACTION", "/msg NAME TEXT", "/who"], shown
+
+
 def test_too_long_line_is_refused_locally(chatd, users, clients):
     watcher = users("watcher")
     ann = clients(*port_args(chatd), "--name", "ann", "--max-datagram", "64")
@@ -461,6 +472,38 @@ def test_terminal_ways_to_leave(chatd, users, terminals, keys):
     child.send(keys)
     assert recv_until(bob, "alice") == "\nalice left the room"
     assert exit_status(child) == 0
+
+
+def test_terminal_shows_help_as_lines(chatd, users, terminals):
+    child = terminals(*port_args(chatd), "--name", "alice")
+    expect_screen(child, "alice>")
+    child.send("/help\r")
+    child.expect_exact("commands:")
+    child.expect(r"\r\n(?:\x1b\[[0-9;?]*[A-Za-z])*/help - list the commands")
+    child.expect_exact("/who - list the people in the room")
+    assert "\\x0a" not in child.before
+    child.sendcontrol("d")
+    assert exit_status(child) == 0
+
+
+@pytest.mark.parametrize("report", ["\x1b[Mxyz", "\x1b[5M", "\x1b[<0;1M"])
+def test_terminal_stray_mouse_report_loses_nothing(chatd, users, terminals, report):
+    # Mouse reports the client never asked for (a program left reporting on, or
+    # typed by hand) once crashed prompt_toolkit's mouse handler mid-line.
+    bob = users("bob")
+    child = terminals(*port_args(chatd))
+    expect_screen(child, "your name:")
+    child.send(report + "alice\r")
+    child.expect_exact("you are in the room as alice")
+    expect_screen(child, "alice>")
+    child.send("hello ")
+    child.expect_exact("hello")
+    child.send(report + "world\r")
+    assert recv_until(bob, "alice says:") == "\nalice says: hello world"
+    child.sendcontrol("d")
+    assert recv_until(bob, "alice") == "\nalice left the room"
+    assert exit_status(child) == 0
+    assert "Unhandled exception" not in child.before
 
 
 def test_terminal_shutdown_while_prompting(chatd, users, terminals):

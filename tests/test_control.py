@@ -257,6 +257,21 @@ def test_chatctl_usage_error():
     assert result.returncode == 2
 
 
+def test_kick_usage_says_only_the_name_is_required():
+    result = subprocess.run([sys.executable, "-m", "chatd.cli.chatctl", "kick"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "required: NAME\n" in result.stderr, result.stderr
+
+
+def test_kick_without_a_reason(users, chatd):
+    alice = users("alice")
+    result = chatctl(chatd, "kick", "alice")
+    assert result.returncode == 0, result.stderr
+    assert alice.recv_text() == "\nyou were removed from the room: kicked by the admin"
+    assert alice.recv() == b"EXIT"
+
+
 def test_graceful_stop_removes_socket_and_fifo_and_reaps_the_child(make_chatd):
     server = make_chatd()
     child = chatctl_json(server, "status")["admin_child_pid"]

@@ -1,6 +1,7 @@
 """Faults that must not stop the room: a dying admin child, signal storms, a lost log
 file, a wiped runtime directory, a wall clock that jumps, and a loop that stood still."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,6 +120,50 @@ def test_log_file_deleted_is_recreated(make_chatd):
     counter = iter(range(1000))
     wait_for(lambda: _logged_after_joining(server, f"after_delete{next(counter)}"),
              timeout=15, what="logging to a new file")
+
+
+def _fill(fd: int) -> None:
+    """Write to a non-blocking pipe until it takes not one more byte."""
+    for size in (65536, 4096, 1):
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(fd, b"x" * size)
+
+
+def _drain(fd: int) -> bytes:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    return data
+
+
+def test_a_reply_goes_out_after_its_log_line(make_chatd):
+    # The log file is a pipe that the test fills: the daemon's next log line
+    # blocks in write() until the test reads, so what was sent before it shows.
+    server = make_chatd({"log": {"level": "info"}}, start=False)
+    os.mkfifo(server.log_path)
+    reader = os.open(server.log_path, os.O_RDONLY | os.O_NONBLOCK)
+    filler = os.open(server.log_path, os.O_WRONLY | os.O_NONBLOCK)
+    alice = UdpUser(server.addr)
+    try:
+        server.start()
+        _drain(reader)
+        _fill(filler)
+        alice.send("L alice")
+        alice.expect_nothing(timeout=1.0)  # no OK while its "joined" line cannot be written
+        log = bytearray()
+
+        def joined_logged() -> bool:
+            log.extend(_drain(reader))
+            return b'"alice"' in log
+
+        wait_for(joined_logged, timeout=15, what="the joined line")
+        assert alice.recv() == b"OK"
+    finally:
+        os.close(reader)  # a writer still blocked gets EPIPE: the daemon can stop
+        os.close(filler)
+        alice.close()
 
 
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")

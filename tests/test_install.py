@@ -9,6 +9,7 @@ config, and an uninstall, in one test: building the package is the slow part.
 
 from __future__ import annotations
 
+import marshal
 import os
 import re
 import subprocess
@@ -63,6 +64,7 @@ def all_files(destdir: Path) -> set[Path]:
     return {p for p in destdir.rglob("*") if p.is_file() or p.is_symlink()}
 
 
+@pytest.mark.timeout(600)  # two installs, each a virtual environment from the registry
 def test_install_reinstall_and_uninstall(tmp_path: Path) -> None:
     destdir = tmp_path / "dest"
     run_install("install", destdir)
@@ -79,6 +81,13 @@ def test_install_reinstall_and_uninstall(tmp_path: Path) -> None:
     for script in staged(destdir, f"{libdir}/bin").iterdir():
         if script.is_file() and not script.is_symlink():
             assert str(destdir) not in script.read_text(errors="replace"), script
+
+    # the compiled modules name their final path: tracebacks and coverage tools point there
+    compiled = list(staged(destdir, libdir).rglob("*.pyc"))
+    assert any(p.parent.parent.name == "chatd" for p in compiled), "chatd is not compiled"
+    for pyc in compiled:
+        filename = marshal.loads(pyc.read_bytes()[16:]).co_filename
+        assert filename.startswith(f"{libdir}/"), (pyc, filename)
 
     # the units name what was installed
     for unit in UNITS:

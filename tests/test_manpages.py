@@ -9,6 +9,7 @@ until its page says what it does.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -116,3 +117,17 @@ def test_every_builtin_plugin_and_option_is_documented() -> None:
                 f"chatd.yaml(5): plugin {name} does not document its option {option}"
         if not builtins[name].options:
             assert "No options." in block, name
+
+
+@pytest.mark.skipif(MANDOC is None, reason="mandoc is absent (apt-get install mandoc)")
+def test_control_protocol_examples_render_as_json() -> None:
+    # mdoc takes quotes on a macro line as argument delimiters and drops them,
+    # so an example that reads well in the source can render as broken JSON.
+    rendered = subprocess.run([MANDOC, "-Tutf8", str(MAN / "chatctl.8")], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+    plain = re.sub(".\b", "", rendered)  # overstrike bold and underline
+    examples = [line.strip() for line in plain.splitlines() if line.strip().startswith("{")]
+    assert len(examples) == 3, examples
+    request, *answers = (json.loads(example) for example in examples)
+    assert request["cmd"] in _subcommands(chatctl_cli._parser())
+    assert [answer["ok"] for answer in answers] == [True, False]

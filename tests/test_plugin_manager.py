@@ -24,7 +24,7 @@ from chatd.plugins import (
 from chatd.plugins import history as history_mod
 from chatd.plugins.catalog import Catalog, default_catalog, spec_for
 from chatd.plugins.ratelimit import Bucket, host_of
-from chatd.plugins.text import cut, pack
+from chatd.plugins.text import cut, lines, pack
 from chatd.plugins.wordfilter import word_pattern
 from chatd.room import Delivery, Room
 
@@ -246,10 +246,10 @@ def test_commands_are_case_insensitive_and_unknown_ones_are_said_so():
 def test_help_lists_commands_of_enabled_plugins_only():
     room, manager = make({"keeper": True, "me": False})
     join(room, (A, "alice"))
-    (text,) = to(A, room.receive(A, b"C alice /help", 1))
-    assert text.decode().splitlines() == [
-        "", "commands:", "/help - list the commands", "/keep - n is 1",
-        "/msg NAME TEXT - say TEXT to NAME only", "/who - list the people in the room"]
+    texts = to(A, room.receive(A, b"C alice /help", 1))
+    assert [t.decode() for t in texts] == [  # a datagram per line: every client shows lines
+        "\ncommands:", "\n/help - list the commands", "\n/keep - n is 1",
+        "\n/msg NAME TEXT - say TEXT to NAME only", "\n/who - list the people in the room"]
     assert state(manager, "keeper")["commands"] == ["keep"]
 
 
@@ -477,6 +477,12 @@ def test_pack_and_cut():
     assert cut("héllo", 2) == "h"
 
 
+def test_lines_are_one_text_each():
+    assert lines(["one", "two\nthree", ""], 10) == ["\none", "\ntwo", "\nthree", "\n"]
+    assert lines(["x" * 20], 8) == ["\n" + "x" * 7]
+    assert lines([], 10) == []
+
+
 def test_msg_and_me_go_through_the_message_plugins():
     room, _ = make({"wordfilter": {"words": ["darn"]}})
     join(room, (A, "alice"), (B, "bob"), (C, "carol"))
@@ -498,7 +504,7 @@ def test_motd_file_is_reread_on_every_reload(tmp_path):
     motd.write_text("second\nline two\n")
     manager.reconfigure(settings)  # same options: the file is read again all the same
     assert to(B, room.receive(B, verified_login(room, B, "bob"), 0)) == [
-        b"OK", b"\nsecond\nline two"]
+        b"OK", b"\nsecond", b"\nline two"]
 
 
 def test_unrelated_reload_keeps_the_rate_limit_buckets():

@@ -1,17 +1,19 @@
 """Plugins through real UDP against ``chatd run``: built-ins, a third-party package
 loaded from its entry point, a broken plugin, reload and restart.
 
-The third-party plugins live in tests/plugin_pkg, a package of their own that
-is pip-installed (editable) into this interpreter's environment when missing,
-so that they are found exactly as an operator's would be.
+The third-party plugins live in tests/plugin_pkg, a package of their own; pip
+installs it into a directory that only these tests' servers see, so that they
+are found exactly as an operator's would be, and never by a chatd run from the
+test environment.
 """
 
 from __future__ import annotations
 
-import fcntl
+import ast
+import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,43 +22,69 @@ import yaml
 from helpers import CHATD, ChatdProcess, UdpUser, write_config
 
 PKG = Path(__file__).parent / "plugin_pkg"
+TEST_PLUGINS = {"shout", "broken"}
 
 _PROBE = """
 import importlib.metadata as m
 names = {e.name for e in m.entry_points(group="chatd.plugins")}
+print(sorted(names))
 import chatd_test_plugins
-print(chatd_test_plugins.__file__ if {"shout", "broken"} <= names else "")
+print(chatd_test_plugins.__file__)
 """
 
 
-def _plugin_pkg_installed() -> bool:
-    """Asked of a fresh interpreter: the servers are fresh interpreters too."""
-    found = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True)
-    path = found.stdout.strip()
-    return found.returncode == 0 and bool(path) and Path(path).resolve().is_relative_to(
-        PKG.resolve())
+def _probe(env: dict[str, str] | None = None) -> tuple[set[str], Path | None]:
+    """The plugin names and the test package a fresh interpreter finds (servers are fresh too)."""
+    found = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                           env=env, timeout=60)
+    lines = found.stdout.splitlines()
+    names = set(ast.literal_eval(lines[0])) if lines else set()
+    return names, Path(lines[1]) if found.returncode == 0 and len(lines) > 1 else None
 
 
 @pytest.fixture(scope="module")
-def plugin_pkg() -> None:
-    """tests/plugin_pkg installed in this environment (once; a lock serialises parallel runs)."""
-    if _plugin_pkg_installed():
-        return
-    with open(Path(tempfile.gettempdir()) / "chatd-test-plugin-pkg.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _plugin_pkg_installed():
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                            "-e", str(PKG)], check=True)
-    assert _plugin_pkg_installed(), "tests/plugin_pkg did not install"
+def plugin_pkg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """tests/plugin_pkg, pip-installed where only the processes these tests start look.
+
+    Installed into the test environment, the test plugins would show in every
+    chatd run from it (``make run``'s too). So pip puts them in a directory of
+    their own, found through PYTHONPATH, and the servers find them by their
+    entry points exactly as they would find an operator's.
+    """
+    source = tmp_path_factory.mktemp("plugin-src") / "plugin_pkg"
+    # pip builds in the source tree: a copy keeps build/ and *.egg-info out of ours
+    shutil.copytree(PKG, source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = tmp_path_factory.mktemp("plugin-site")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--disable-pip-version-check", "--target", str(site), str(source)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(
+            [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        names, package = _probe()
+        assert names >= TEST_PLUGINS and package is not None, "tests/plugin_pkg did not install"
+        assert package.resolve().is_relative_to(site.resolve()), package
+        yield
+
+
+def test_the_test_plugins_stay_out_of_the_environment() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    names, package = _probe(env)
+    assert not names & TEST_PLUGINS and package is None, (
+        f"{sys.prefix} has the test plugins installed ({package}): every chatd run from it "
+        "lists them; remove them with: pip uninstall chatd-test-plugins")
 
 
 @pytest.fixture
 def people() -> Iterator[Callable[..., list[UdpUser]]]:
-    """``people(server, "alice", "bob")``: joined users whose join notices are read."""
+    """``people(server, "alice", "bob")``: joined users whose join notices are read; they
+    log in as chat-client does, with an address cookie."""
     made: list[UdpUser] = []
 
     def join(server: ChatdProcess, *names: str) -> list[UdpUser]:
-        users = [UdpUser(server.addr).join(name) for name in names]
+        users = [UdpUser(server.addr).join(name, verify=True) for name in names]
         made.extend(users)
         for user in users:
             user.ping()  # reads (and discards) the "X joined" notices before its PONG
@@ -99,11 +127,12 @@ def test_who_me_msg_help(make_chatd, people, plugin_pkg):
     assert alice.recv_text() == "\nno one called nobody is in the room"
 
     alice.say("/help")
-    help_text = alice.recv_text()
-    assert help_text.startswith("\ncommands:\n")
-    for usage in ("/help - ", "/me ACTION - ", "/msg NAME TEXT - ", "/who - ",
-                  "/shout TEXT - "):
-        assert usage in help_text
+    assert alice.recv_text() == "\ncommands:"
+    usages = [alice.recv_text() for _ in range(5)]  # one datagram per line
+    for usage, start in zip(usages, ("/help - ", "/me ACTION - ", "/msg NAME TEXT - ",
+                                      "/shout TEXT - ", "/who - "), strict=True):
+        assert usage.startswith("\n" + start) and "\n" not in usage[1:], usage
+    next_is_pong(alice)
 
     alice.say("/frobnicate")
     assert alice.recv_text() == "\nunknown command /frobnicate (try /help)"
@@ -137,7 +166,8 @@ def test_motd_follows_ok(make_chatd, tmp_path, source):
     user = UdpUser(server.addr)
     try:
         assert user.login("alice", verify=True) == b"OK"
-        assert user.recv_text() == "\nwelcome to the room\nbe nice"
+        assert user.recv_text() == "\nwelcome to the room"
+        assert user.recv_text() == "\nbe nice"
         next_is_pong(user)
     finally:
         user.close()

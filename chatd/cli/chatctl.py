@@ -32,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     say = sub.add_parser("say", help="broadcast TEXT to everyone, signed with the admin name")
     say.add_argument("text", nargs="+", metavar="TEXT")
     kick = sub.add_parser("kick", help="remove a user, telling them why")
-    kick.add_argument("name", metavar="NAME")
-    kick.add_argument("reason", nargs="*", metavar="REASON")
+    kick.add_argument("name", metavar="NAME", help="who to remove")
+    # default=[]: without it argparse counts a "*" positional as required in its errors
+    kick.add_argument("reason", nargs="*", default=[], metavar="REASON",
+                      help="why, told to them and to the room (default: kicked by the admin)")
     for verb, text in (("who", "list the users: address, login time, idle time"),
                        ("status", "pid, uptime, address, users, counters"),
                        ("plugins", "loaded plugins, their state and failure counts")):

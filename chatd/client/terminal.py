@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from chatd.client import EXIT_OK, EXIT_UNREACHABLE, net
@@ -41,10 +42,28 @@ from chatd.client.texts import status_text
 LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+def _ignore_mouse_reports(bindings: KeyBindings) -> KeyBindings:
+    """``bindings``, taking every mouse report away from prompt_toolkit's own handler.
+
+    The client never turns mouse reporting on, yet prompt_toolkit parses any
+    ``ESC [ M`` or ``ESC [ <`` sequence as a mouse report, from a program that
+    left reporting on or typed by hand, and its handler raises on codes it does
+    not know (``ESC [ M x y z``: KeyError; ``ESC [ 5 M``: ValueError), which
+    stops the prompt and loses the line being typed. Still so in 3.0.53
+    (prompt-toolkit/python-prompt-toolkit#449): the application's own bindings
+    take precedence over the default ones, so this one wins.
+    """
+    @bindings.add(Keys.Vt100MouseEvent)
+    def _ignore(event: KeyPressEvent) -> None:
+        pass
+
+    return bindings
+
+
 def run(link: net.Link, session: ClientSession, name: str | None,
         clock: Callable[[], float] = time.monotonic) -> int:
     """Log in (asking for a name unless given one), then chat; returns the exit status."""
-    prompt: PromptSession[str] = PromptSession()
+    prompt: PromptSession[str] = PromptSession(key_bindings=_ignore_mouse_reports(KeyBindings()))
     while True:
         if name is None:
             try:
@@ -116,7 +135,7 @@ async def _chat(link: net.Link, session: ClientSession, name: str,
             changed.clear()
             pump(session.tick(clock()), rearm=False)
 
-    bindings = KeyBindings()
+    bindings = _ignore_mouse_reports(KeyBindings())
 
     @bindings.add("enter")
     def _send(event: KeyPressEvent) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
-from chatd.plugins.text import pack, pack_one
+from chatd.plugins.text import lines, pack_one
 
 
 class Help(Plugin):
@@ -23,11 +23,11 @@ class Help(Plugin):
         if command != "help":
             return None
         commands = self.room.commands()
-        lines = ["commands:", *(commands[c] for c in sorted(commands))]
-        if self.room.reply_budget(name) == 1:
-            self.room.send(name, pack_one(lines, self.room.max_bytes, "\n"))
+        usages = ["commands:", *(commands[c] for c in sorted(commands))]
+        if self.room.reply_budget(name) == 1:  # one datagram: the lines in it, as far as they go
+            self.room.send(name, pack_one(usages, self.room.max_bytes, "\n"))
             return True
-        for text in pack(lines, self.room.max_bytes, "\n"):
+        for text in lines(usages, self.room.max_bytes):
             self.room.send(name, text)
         return True
 

@@ -10,7 +10,7 @@ from chatd.plugins.api import RoomAPI
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
 from chatd.plugins.options import Option, absolute_path
-from chatd.plugins.text import pack
+from chatd.plugins.text import lines
 
 
 class Motd(Plugin):
@@ -48,8 +48,8 @@ class Motd(Plugin):
     @hookimpl
     def chatd_joined(self, name: str) -> None:
         if self.lines:
-            # packed per join: room.max_datagram may change on reload
-            for text in pack(self.lines, self.room.max_bytes, "\n"):
+            # cut per join: room.max_datagram may change on reload
+            for text in lines(self.lines, self.room.max_bytes):
                 self.room.send(name, text)
 
 

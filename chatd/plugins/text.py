@@ -31,10 +31,11 @@ def pack_one(parts: list[str], limit: int, sep: str = "\n") -> str:
     return cut("\n" + sep.join([*parts[:shown], f"…and {len(parts) - shown} more"]), limit)
 
 
-def pack(parts: Iterable[str], limit: int, sep: str = "\n") -> list[str]:
+def pack(parts: Iterable[str], limit: int, sep: str = " ") -> list[str]:
     """Join ``parts`` with ``sep`` into texts that start with ``"\\n"`` and fit in ``limit`` bytes.
 
-    A part is never split across two texts; one too long on its own is cut.
+    For words on one line (names): a part is never split across two texts;
+    one too long on its own is cut. Lines go one per text: see :func:`lines`.
     """
     out: list[str] = []
     current: list[str] = []
@@ -51,3 +52,15 @@ def pack(parts: Iterable[str], limit: int, sep: str = "\n") -> list[str]:
     if current:
         out.append("\n" + sep.join(current))
     return out
+
+
+def lines(parts: Iterable[str], limit: int) -> list[str]:
+    """One text per line of ``parts``, each starting with ``"\\n"`` and cut to ``limit`` bytes.
+
+    A reply of several lines (``/help``, the message of the day) goes as one
+    datagram per line: every client shows it as lines, whereas chat-client
+    shows a newline inside a datagram escaped, so that no text can pose as a
+    line of its own. For the server's and the administrator's texts only:
+    what people type stays one line.
+    """
+    return ["\n" + cut(line, limit - 1) for part in parts for line in part.splitlines() or [""]]
