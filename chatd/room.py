@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from chatd import protocol
 from chatd.config import RoomSettings
 from chatd.names import name_key, name_problem
+from chatd.textsafe import neutralise
 
 Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
 
@@ -283,11 +284,12 @@ class Room:
         if text.startswith("/") and text[1:2].isalpha():
             command, _, args = text[1:].partition(" ")
             if not self.hooks.command(session.name, command, args):
-                self._send_text(session.addr, "unknown_command", command=command)
+                self._send_text(session.addr, "unknown_command", command=neutralise(command))
             return
         rewritten = self.hooks.message(session.name, text)
         if rewritten is None:
             return
+        rewritten = neutralise(rewritten)  # after the plugins, so that none can undo it
         payload = self._render("chat", name=session.name, text=rewritten)
         if len(payload) > self.settings.max_datagram:
             self._send_text(session.addr, "too_long", limit=self.settings.max_datagram)
