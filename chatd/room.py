@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from chatd import protocol
 from chatd.config import RoomSettings
-from chatd.names import name_key, name_problem
+from chatd.names import confusable_keys, name_key, name_problem
 from chatd.textsafe import neutralise
 
 Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
@@ -34,6 +34,7 @@ class Session:
     name: str
     key: str
     addr: Addr
+    looks: frozenset[str]  # confusable_keys(name): no one else may have one of them
     joined_at: float  # monotonic seconds
     last_seen: float  # monotonic seconds
     keepalive: bool = False  # has sent P at least once: only then can it time out
@@ -92,6 +93,8 @@ class Room:
     def __post_init__(self) -> None:
         self._by_addr: dict[Addr, Session] = {}
         self._by_key: dict[str, Session] = {}
+        self._by_look: dict[str, Session] = {}
+        confusable_keys(self.settings.admin_name)  # loads the data now, not at the first login
         self._per_host: Counter[Any] = Counter()
         self._out: list[Delivery] = []
 
@@ -254,6 +257,13 @@ class Room:
         if key in self._by_key or key == self.settings.admin_key:
             self._refuse(addr, name, "name_taken", "name_taken", name=name)
             return
+        looks = confusable_keys(name)
+        like = next((self._by_look[look] for look in looks if look in self._by_look), None)
+        if like is not None or looks & confusable_keys(self.settings.admin_name):
+            like_name = self.settings.admin_name if like is None else like.name
+            self._refuse(addr, name, "name_confusable", "name_confusable", name=name,
+                         like=like_name)
+            return
         if len(self._by_addr) >= self.settings.max_users:
             self._refuse(addr, name, "room_full", "room_full", max_users=self.settings.max_users)
             return
@@ -270,9 +280,10 @@ class Room:
         self._out.append(Delivery(protocol.OK, (addr,)))
         if self._by_addr and self._announcing():
             self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
-        new = Session(name=name, key=key, addr=addr, joined_at=now, last_seen=now)
+        new = Session(name=name, key=key, addr=addr, looks=looks, joined_at=now, last_seen=now)
         self._by_addr[addr] = new
         self._by_key[key] = new
+        self._by_look.update(dict.fromkeys(looks, new))
         self._per_host[_host(addr)] += 1
         self.events.append(("user_joined", {"name": name, "addr": addr}))
         self.hooks.joined(name)
@@ -318,6 +329,8 @@ class Room:
     def _forget(self, session: Session) -> None:
         del self._by_addr[session.addr]
         del self._by_key[session.key]
+        for look in session.looks:
+            del self._by_look[look]
         host = _host(session.addr)
         self._per_host[host] -= 1
         if not self._per_host[host]:
