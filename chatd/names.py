@@ -37,8 +37,7 @@ def confusable_keys(name: str) -> frozenset[str]:
     with one :func:`name_key` always share a key.
     """
     key = name_key(name)
-    return frozenset((_folded_skeleton(name), _folded_skeleton(key),
-                      _folded_skeleton(key.upper())))
+    return frozenset(_folded_skeleton(form) for form in {name, key, key.upper()})
 
 
 def _folded_skeleton(text: str) -> str:

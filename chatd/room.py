@@ -8,6 +8,7 @@ Time comes in as an argument (monotonic seconds), so tests drive the clock.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class Session:
     name: str
     key: str
     addr: Addr
-    looks: frozenset[str]  # confusable_keys(name): no one else may have one of them
+    looks: tuple[str, ...]  # confusable_keys(name): no one else may have one of them
     joined_at: float  # monotonic seconds
     last_seen: float  # monotonic seconds
     keepalive: bool = False  # has sent P at least once: only then can it time out
@@ -94,7 +95,7 @@ class Room:
         self._by_addr: dict[Addr, Session] = {}
         self._by_key: dict[str, Session] = {}
         self._by_look: dict[str, Session] = {}
-        confusable_keys(self.settings.admin_name)  # loads the data now, not at the first login
+        _admin_looks(self.settings.admin_name)  # loads the data now, not at the first login
         self._per_host: Counter[Any] = Counter()
         self._out: list[Delivery] = []
 
@@ -259,7 +260,7 @@ class Room:
             return
         looks = confusable_keys(name)
         like = next((self._by_look[look] for look in looks if look in self._by_look), None)
-        if like is not None or looks & confusable_keys(self.settings.admin_name):
+        if like is not None or looks & _admin_looks(self.settings.admin_name):
             like_name = self.settings.admin_name if like is None else like.name
             self._refuse(addr, name, "name_confusable", "name_confusable", name=name,
                          like=like_name)
@@ -280,7 +281,8 @@ class Room:
         self._out.append(Delivery(protocol.OK, (addr,)))
         if self._by_addr and self._announcing():
             self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
-        new = Session(name=name, key=key, addr=addr, looks=looks, joined_at=now, last_seen=now)
+        new = Session(name=name, key=key, addr=addr, looks=tuple(looks), joined_at=now,
+                      last_seen=now)
         self._by_addr[addr] = new
         self._by_key[key] = new
         self._by_look.update(dict.fromkeys(looks, new))
@@ -367,6 +369,11 @@ class Room:
     def _take(self) -> list[Delivery]:
         out, self._out = self._out, []
         return out
+
+
+@functools.lru_cache(maxsize=4)  # only ever called with admin names: no stranger churns it
+def _admin_looks(admin_name: str) -> frozenset[str]:
+    return confusable_keys(admin_name)
 
 
 def _host(addr: Addr) -> Any:

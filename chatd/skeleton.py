@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import re
 import unicodedata
 from pathlib import Path
 from typing import Final
 
 #: Default_Ignorable_Code_Point (DerivedCoreProperties.txt, Unicode 15.1): invisible
 #: characters, which TR39 drops before mapping, so that ``adm\u034fin`` is ``admin``.
-_DEFAULT_IGNORABLE: Final = re.compile(
-    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
-    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+_DEFAULT_IGNORABLE: Final = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
 )
 
 
@@ -53,7 +53,8 @@ def parse(lines: list[str]) -> tuple[str, dict[str, str]]:
 
 
 @functools.cache
-def _data() -> tuple[str, dict[str, str]]:
+def _data() -> tuple[str, dict[int, str | None]]:
+    """The version, and a :meth:`str.translate` table doing steps 2 and 3 of the skeleton."""
     path = data_path()
     try:
         version, prototypes = parse(path.read_text(encoding="utf-8-sig").splitlines())
@@ -61,7 +62,10 @@ def _data() -> tuple[str, dict[str, str]]:
         raise ConfusablesDataError(f"cannot read {path}: {exc}") from exc
     if not prototypes:
         raise ConfusablesDataError(f"no confusables found in {path}")
-    return version, prototypes
+    table: dict[int, str | None] = {ord(c): p for c, p in prototypes.items()}
+    for first, last in _DEFAULT_IGNORABLE:
+        table.update(dict.fromkeys(range(first, last + 1)))
+    return version, table
 
 
 def unicode_version() -> str:
@@ -71,6 +75,4 @@ def unicode_version() -> str:
 
 def skeleton(text: str) -> str:
     """TR39's skeleton(X): NFD, drop default ignorables, map to prototypes, NFD again."""
-    prototypes = _data()[1]
-    decomposed = _DEFAULT_IGNORABLE.sub("", unicodedata.normalize("NFD", text))
-    return unicodedata.normalize("NFD", "".join([prototypes.get(c, c) for c in decomposed]))
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", text).translate(_data()[1]))
