@@ -8,6 +8,7 @@ Time comes in as an argument (monotonic seconds), so tests drive the clock.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from chatd import protocol
 from chatd.config import RoomSettings
 from chatd.cookies import CookieJar
 from chatd.hosts import host_key
-from chatd.names import name_key, name_problem
+from chatd.names import confusable_keys, name_key, name_problem
+from chatd.textsafe import neutralise
 
 Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
 
@@ -39,6 +41,7 @@ class Session:
     name: str
     key: str
     addr: Addr
+    looks: tuple[str, ...]  # confusable_keys(name): no one else may have one of them
     joined_at: float  # monotonic seconds
     last_seen: float  # monotonic seconds
     keepalive: bool = False  # has sent P at least once: only then can it time out
@@ -103,6 +106,8 @@ class Room:
     def __post_init__(self) -> None:
         self._by_addr: dict[Addr, Session] = {}
         self._by_key: dict[str, Session] = {}
+        self._by_look: dict[str, Session] = {}
+        _admin_looks(self.settings.admin_name)  # loads the data now, not at the first login
         self._per_host: Counter[Any] = Counter()
         #: sessions by when they were last heard from, longest silent first
         self._by_silence: OrderedDict[Addr, Session] = OrderedDict()
@@ -308,6 +313,13 @@ class Room:
         if key in self._by_key or key == self.settings.admin_key:
             self._refuse(addr, name, "name_taken", "name_taken", name=name)
             return
+        looks = confusable_keys(name)
+        like = next((self._by_look[look] for look in looks if look in self._by_look), None)
+        if like is not None or looks & _admin_looks(self.settings.admin_name):
+            like_name = self.settings.admin_name if like is None else like.name
+            self._refuse(addr, name, "name_confusable", "name_confusable", name=name,
+                         like=like_name)
+            return
         evict = None
         if len(self._by_addr) >= self.settings.max_users:
             evict = self._longest_idle(now)
@@ -331,10 +343,11 @@ class Room:
         self._out.append(Delivery(protocol.OK, (addr,)))
         if self._by_addr and self._announcing():
             self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
-        new = Session(name=name, key=key, addr=addr, joined_at=now, last_seen=now,
-                      verified=verified, host=host)
+        new = Session(name=name, key=key, addr=addr, looks=tuple(looks), joined_at=now,
+                      last_seen=now, verified=verified, host=host)
         self._by_addr[addr] = new
         self._by_key[key] = new
+        self._by_look.update(dict.fromkeys(looks, new))
         self._by_silence[addr] = new
         self._per_host[host] += 1
         self.events.append(("user_joined", {"name": name, "addr": addr, "verified": verified}))
@@ -401,11 +414,12 @@ class Room:
         if text.startswith("/") and text[1:2].isalpha():
             command, _, args = text[1:].partition(" ")
             if not self.hooks.command(session.name, command, args):
-                self._send_text(session.addr, "unknown_command", command=command)
+                self._send_text(session.addr, "unknown_command", command=neutralise(command))
             return
         rewritten = self.hooks.message(session.name, text)
         if rewritten is None:
             return
+        rewritten = neutralise(rewritten)  # after the plugins, so that none can undo it
         payload = self._render("chat", name=session.name, text=rewritten)
         if len(payload) > self.settings.max_datagram:
             self._send_text(session.addr, "too_long", limit=self.settings.max_datagram)
@@ -435,6 +449,8 @@ class Room:
         del self._by_addr[session.addr]
         del self._by_key[session.key]
         del self._by_silence[session.addr]
+        for look in session.looks:
+            del self._by_look[look]
         host = session.host
         self._per_host[host] -= 1
         if not self._per_host[host]:
@@ -472,3 +488,7 @@ class Room:
         out, self._out = self._out, []
         return out
 
+
+@functools.lru_cache(maxsize=4)  # only ever called with admin names: no stranger churns it
+def _admin_looks(admin_name: str) -> frozenset[str]:
+    return confusable_keys(admin_name)

@@ -20,6 +20,7 @@ FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "timed_out": frozenset({"name"}),
     "unreachable": frozenset({"name"}),
     "name_taken": frozenset({"name"}),
+    "name_confusable": frozenset({"name", "like"}),
     "name_invalid": frozenset({"name", "reason"}),
     "other_session": frozenset({"name"}),
     "room_full": frozenset({"max_users"}),
@@ -43,6 +44,7 @@ LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
         "timed_out": "\n{name} left the room (timed out)",
         "unreachable": "\n{name} left the room (unreachable)",
         "name_taken": "\nthe name {name} is already taken",
+        "name_confusable": "\nthe name {name} looks too much like {like}",
         "name_invalid": "\ninvalid name: {reason}",
         "other_session": "\nthis address is already logged in as {name}",
         "room_full": "\nthe room is full ({max_users} users), try again later",
@@ -64,6 +66,7 @@ LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
         "timed_out": "\n{name} 离开了聊天室 (超时)",
         "unreachable": "\n{name} 离开了聊天室 (无法送达)",
         "name_taken": "该用户已存在",
+        "name_confusable": "该用户已存在",  # chatd's addition: the article's refusal again
         "name_invalid": "\n用户名无效: {reason}",
         "other_session": "\n该地址已作为 {name} 登录",
         "room_full": "\n聊天室已满 ({max_users} 人), 请稍后再试",

@@ -1,13 +1,16 @@
 """Property tests: whatever arrives, from wherever, the core holds its invariants."""
 
 import contextlib
+import unicodedata
+from collections import defaultdict
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatd import config, protocol
-from chatd.names import name_key
+from chatd.names import confusable_keys, name_key
 from chatd.room import Room
+from chatd.skeleton import data_path, parse, skeleton
 
 ADDRS = [("10.0.0.1", 1), ("10.0.0.1", 2), ("10.0.0.2", 1), ("::1", 5, 0, 0), ("10.0.0.3", 9)]
 NAMES = ["alice", "Alice", "ＡＬＩＣＥ", "bob", "admin", "Admin", "管理员", "a b", "x" * 40,
@@ -39,6 +42,9 @@ def check_invariants(room: Room, deliveries) -> None:
     keys = [s.key for s in room.sessions()]
     assert len(keys) == len(set(keys)), "two sessions share a name"
     assert room.settings.admin_key not in keys
+    looks = [look for s in room.sessions() for look in confusable_keys(s.name)]
+    assert len(looks) == len(set(looks)), "two sessions look alike"
+    assert not set(looks) & confusable_keys(room.settings.admin_name)
     assert len(room) <= room.settings.max_users
     for delivery in deliveries:
         assert len(delivery.payload) <= room.settings.max_datagram
@@ -95,3 +101,67 @@ def test_names_stay_unique_under_normalisation(names):
         room.receive(("10.1.0.1", i), f"L {name}".encode(), 0.0)
     keys = [name_key(s.name) for s in room.sessions()]
     assert len(keys) == len(set(keys))
+
+
+# -- nobody passes for the admin, and no line starts a second one ----------------------------
+
+#: prototype -> the characters TR39 confuses with it, from the data chatd uses
+LOOKALIKES: dict[str, list[str]] = defaultdict(list)
+for _source, _prototype in parse(data_path().read_text(encoding="utf-8").splitlines())[1].items():
+    LOOKALIKES[_prototype].append(_source)
+
+
+def disguised(word: str):
+    """``word`` with any of its characters swapped for one TR39 confuses with it."""
+    options = [sorted({c, skeleton(c), *LOOKALIKES[skeleton(c)]}) for c in word]
+    return st.tuples(*[st.sampled_from(o) for o in options]).map("".join)
+
+
+#: what must never reach another person inside a line: C0, DEL, C1, line and paragraph
+#: separators, bidi controls (an oracle of its own, not chatd's table)
+def unsafe(char: str) -> bool:
+    return (unicodedata.category(char) in ("Cc", "Zl", "Zp")
+            or unicodedata.bidirectional(char) in ("LRE", "RLE", "LRO", "RLO", "PDF",
+                                                    "LRI", "RLI", "FSI", "PDI")
+            or char in "\u200e\u200f\u061c")
+
+
+SPEAKERS = st.one_of(
+    st.text(min_size=1, max_size=12),
+    disguised("admin"), disguised("alice"),
+    st.sampled_from(["admin", "Admin", "ADMIN", "\u0430dmin", "\u0410DMIN", "admin\u3164",
+                     "ad\u034fmin", "admin:", "admins", "adm1n", "AD\u039cIN", "\u0391lice",
+                     "AIice"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(SPEAKERS, st.text(max_size=80))
+def test_no_chat_line_passes_for_an_admin_line(name, text):
+    room = Room(config.from_mapping({}).room)  # the default: en
+    alice, speaker = ("10.0.0.1", 1), ("10.0.0.2", 2)
+    room.receive(alice, b"L alice", 0.0)
+    answer = room.receive(speaker, f"L {name}".encode(), 0.0)
+    if not answer or answer[0].payload != b"OK":
+        return
+    name = room.sessions()[-1].name  # as the room parsed it
+    admin = room.settings.admin_name
+    assert not confusable_keys(name) & confusable_keys(admin)
+    assert skeleton(name_key(name)) != skeleton(name_key(admin))  # the plain TR39 test too
+    admin_prefix = room.render("admin", name=admin, text="").encode()
+    for delivery in room.receive(speaker, f"C {name} {text}".encode(), 1.0):
+        if alice not in delivery.addrs:
+            continue
+        line = delivery.payload.decode()
+        assert line.startswith("\n") and not delivery.payload.startswith(admin_prefix)
+        assert not any(unsafe(c) for c in line[1:]), line
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["admin", "ADMIN", "Admin", "alice", "ALICE", "mallory"]).flatmap(disguised))
+def test_disguised_names_are_refused(name):
+    room = Room(config.from_mapping({}).room)
+    room.receive(("10.0.0.1", 1), b"L alice", 0.0)
+    room.receive(("10.0.0.1", 2), b"L mallory", 0.0)
+    assert room.receive(("10.0.0.3", 3), f"L {name}".encode(), 0.0)[0].payload != b"OK"
+    assert len(room) == 2

@@ -276,3 +276,56 @@ def test_a_pause_of_the_server_is_nobodys_silence():
     assert room.next_expiry() == 30  # alice: 0 + 20 of the pause + 10
     assert flat(room.expire(30.5)) == [(B, b"\nalice left the room (timed out)")]
     assert room.session("bob").last_seen == 28  # never later than now
+# -- names that look like another's --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["\u0430dmin", "\u0410DMIN", "adm\u0456n", "\u0430d\u034fmin"])
+def test_names_that_look_like_the_admins_are_refused(name):
+    room = make_room()
+    assert flat(room.receive(A, f"L {name}".encode(), 0)) == [
+        (A, f"\nthe name {name} looks too much like admin".encode())]
+    assert room.events[-1] == ("login_refused", {"name": name, "addr": A,
+                                                 "reason": "name_confusable"})
+    assert len(room) == 0
+
+
+def test_a_name_like_one_in_the_room_is_refused_while_its_holder_is_in():
+    room = joined(make_room(), (A, "alice"))
+    assert flat(room.receive(B, "L \u0391lice".encode(), 1)) == [
+        (B, "\nthe name \u0391lice looks too much like alice".encode())]
+    assert flat(room.receive(B, b"L AIice", 1)) == [
+        (B, b"\nthe name AIice looks too much like alice")]
+    room.receive(A, b"Q alice", 2)
+    assert flat(room.receive(B, "L \u0391lice".encode(), 3)) == [(B, b"OK")]
+    assert flat(room.receive(A, b"L alice", 4)) == [
+        (A, "\nthe name alice looks too much like \u0391lice".encode())]
+
+
+def test_names_that_merely_differ_are_welcome():
+    room = joined(make_room(), (A, "bob"), (B, "bobby"), (C, "rob"))
+    assert len(room) == 3
+    # TR39 confuses 0 with O, and names ignore case: b0b is bob
+    assert flat(room.receive(("10.0.0.4", 1), b"L b0b", 1)) == [
+        (("10.0.0.4", 1), b"\nthe name b0b looks too much like bob")]
+
+
+def test_a_kicked_or_timed_out_name_is_free_again():
+    room = joined(make_room(session_timeout=5), (A, "alice"), (B, "mallory"))
+    room.receive(A, b"P alice", 1)
+    room.expire(10)
+    room.kick("mallory", "x")
+    assert len(room) == 0
+    assert flat(room.receive(C, "L \u0430lice".encode(), 11)) == [(C, b"OK")]
+    assert flat(room.receive(A, b"L rnallory", 11))[0] == (A, b"OK")
+    assert sorted(s.name for s in room.sessions()) == ["rnallory", "\u0430lice"]
+
+
+def test_zh_cn_refuses_lookalikes_with_the_articles_words():
+    room = joined(make_room(locale="zh_CN"), (A, "bob"))
+    assert flat(room.receive(B, "L b\u043eb".encode(), 0)) == [(B, "该用户已存在".encode())]
+
+
+def test_a_chat_line_never_starts_a_second_line():
+    room = joined(make_room(), (A, "mallory"), (B, "alice"))
+    assert flat(room.receive(A, b"C mallory hi\n\nadmin says: reboot now", 1)) == [
+        (B, b"\nmallory says: hi\\x0a\\x0aadmin says: reboot now")]

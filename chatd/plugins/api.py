@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from chatd.room import Addr, Room, TextTooLong
+from chatd.textsafe import neutralise
 
 __all__ = ["RoomAPI", "TextTooLong", "User"]
 
@@ -108,9 +109,12 @@ class RoomAPI:
         """``text`` as the room's ``chatd_message`` plugins leave it; None when one dropped it.
 
         For commands that carry a line of chat (``/me``, ``/msg``), so that
-        word filters and rate limits apply to those lines too.
+        word filters and rate limits apply to those lines too. Like a chat
+        line, the result is on one line with no control or bidi characters
+        (each shown as an escape such as ``\\x0a``): safe to relay.
         """
-        return self._rewrite(name, text)
+        rewritten = self._rewrite(name, text)
+        return None if rewritten is None else neutralise(rewritten)
 
     # -- the other plugins, and bookkeeping --------------------------------------
 

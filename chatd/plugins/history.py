@@ -15,6 +15,7 @@ from chatd.plugins.api import RoomAPI, TextTooLong
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
 from chatd.plugins.options import Option, absolute_path
+from chatd.textsafe import neutralise
 
 #: Old rows are deleted once this many lines were added past ``size``, not on every line.
 TRIM_EVERY = 100
@@ -109,7 +110,9 @@ class History(Plugin):
     def chatd_joined(self, name: str) -> None:
         for speaker, text in list(self.lines):
             try:
-                self.room.send(name, self.room.render("chat", name=speaker, text=text))
+                # lines kept by an older chatd may hold control characters
+                self.room.send(name, self.room.render("chat", name=speaker,
+                                                      text=neutralise(text)))
             except TextTooLong:  # it fitted when said; the template or limit has changed
                 continue
         if self.lines:

@@ -6,6 +6,7 @@ from chatd.plugins.api import TextTooLong
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
 from chatd.plugins.text import cut
+from chatd.textsafe import neutralise
 
 
 class Msg(Plugin):
@@ -25,7 +26,7 @@ class Msg(Plugin):
             return True
         user = self.room.user(target)
         if user is None:
-            self.room.send(name, cut(f"\nno one called {target} is in the room",
+            self.room.send(name, cut(f"\nno one called {neutralise(target)} is in the room",
                                      self.room.max_bytes))
             return True
         rewritten = self.room.rewrite(name, text)
