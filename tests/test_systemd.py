@@ -470,6 +470,54 @@ def test_inherited_journal_stream_of_another_stream_adds_no_prefixes(tmp_path: P
     assert lines and all(line.startswith("{") for line in lines), lines
 
 
+def stderr_under_journald(tmp_path: Path, argv: list[str],
+                          journal_stream: str | None = None) -> str:
+    """A command's stderr when it is the stream systemd connected to journald."""
+    path = tmp_path / "stderr"
+    with path.open("wb") as stderr:
+        st = os.fstat(stderr.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": journal_stream or f"{st.st_dev}:{st.st_ino}"}
+        result = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
+    assert result.returncode != 0, argv
+    return path.read_text()
+
+
+def test_command_errors_reach_the_journal_as_errors(tmp_path: Path) -> None:
+    """ExecStartPre=chatd check-config and ExecStart=chatd run/start say why a start failed
+    on stderr; at journald's default priority (info) `journalctl -p warning` hid it."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("room:\n  max_users: lots\n")
+    err = stderr_under_journald(tmp_path, [*CHATD, "check-config", "-c", str(broken)])
+    assert re.fullmatch(rf"<3>chatd: config error: {re.escape(str(broken))}, line 2: "
+                        r"room\.max_users: expected an integer, got 'lots'\n", err), err
+    err = stderr_under_journald(tmp_path, [*CHATD, "status", "-c", str(broken)])
+    assert err.startswith("<4>chatd: warning: "), err
+
+    port = free_udp_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        for command in ("run", "start"):
+            directory = tmp_path / command
+            directory.mkdir()
+            config = write_config(directory, port=port)
+            err = stderr_under_journald(tmp_path, [*CHATD, command, "-c", str(config)])
+            assert re.fullmatch(r"<3>chatd: .*\n", err) and str(port) in err, err
+
+    chatctl = [str(VENV_BIN / "chatctl"), "--socket", str(tmp_path / "nothing.sock"), "who"]
+    err = stderr_under_journald(tmp_path, chatctl)
+    assert err.startswith("<3>chatctl: chatd is not running?"), err
+
+
+def test_command_errors_elsewhere_carry_no_prefix(tmp_path: Path) -> None:
+    """On a terminal, or a stderr redirected away from the journal, nothing changes."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("room:\n  max_users: lots\n")
+    err = stderr_under_journald(tmp_path, [*CHATD, "check-config", "-c", str(broken)],
+                                journal_stream="8:123456")
+    assert err.startswith("chatd: config error: "), err
+
+
 # -- the hardening the units promise ----------------------------------------------------------
 
 # MemoryDenyWriteExecute=yes in the units: the kernel's PR_SET_MDWE is the same rule
