@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import select
 import shutil
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import CHATD, UdpUser, free_udp_port, wait_for, write_config
+from helpers import CHATD, ChatdProcess, UdpUser, free_udp_port, wait_for, write_config
 
 from chatd import config as config_mod
 from chatd.control import request
@@ -516,6 +518,37 @@ def test_command_errors_elsewhere_carry_no_prefix(tmp_path: Path) -> None:
     err = stderr_under_journald(tmp_path, [*CHATD, "check-config", "-c", str(broken)],
                                 journal_stream="8:123456")
     assert err.startswith("chatd: config error: "), err
+
+
+# -- a runtime directory that changed hands -------------------------------------------------
+
+
+def test_stop_is_clean_when_the_runtime_dir_changed_owner() -> None:
+    """systemd chowns a RuntimeDirectory= to the DynamicUser of whichever unit starts with it;
+    a daemon that then cannot remove its control socket and FIFO says so, and still exits 0
+    (it used to die of the PermissionError, and systemd recorded a failure)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run chatd as another user")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this system")
+    directory = Path(tempfile.mkdtemp(prefix="chatd-test-"))  # pytest's tmp_path is 0700
+    directory.chmod(0o755)
+    server = ChatdProcess(directory, {"daemon": {"user": "nobody"}})
+    try:
+        server.start()
+        control = config_mod.load(str(server.config)).control
+        assert server.runtime_dir.stat().st_uid == nobody.pw_uid
+        os.chown(server.runtime_dir, 0, 0)  # mode 0755: nobody can no longer unlink in it
+        status = server.stop()
+        events = server.log_events()
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert status == 0
+    left = {e["path"]: e["error"] for e in events if e["event"] == "control_file_not_removed"}
+    assert left == {control.socket: "Permission denied", control.fifo: "Permission denied"}
 
 
 # -- the hardening the units promise ----------------------------------------------------------
