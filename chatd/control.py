@@ -297,9 +297,15 @@ def remove_stale_files(settings: ControlSettings) -> None:
 
 
 def remove_files(settings: ControlSettings) -> None:
+    """Remove the socket and FIFO, or log why not: this runs on the way out, where an
+    error would cost the clean exit (a runtime_dir chowned to another user, say)."""
     for path in (settings.socket, settings.fifo):
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        try:
             os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            log.warning("control_file_not_removed", path=path, error=exc.strerror or str(exc))
 
 
 # -- the admin child ------------------------------------------------------------------

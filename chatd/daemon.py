@@ -18,7 +18,6 @@ import pwd
 import select
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -197,7 +196,7 @@ def run_foreground(settings: Settings, config_path: str | None) -> int:
         systemd.forget_environment()
         return _serve(prepared, notifier)
     except StartError as exc:
-        print(f"chatd: {exc}", file=sys.stderr)
+        log_mod.print_stderr(f"chatd: {exc}")
         return 1
 
 
@@ -227,7 +226,7 @@ def start(settings: Settings, config_path: str | None) -> int:
     try:
         prepared = prepare(settings, config_path, daemonize=True)
     except StartError as exc:
-        print(f"chatd: {exc}", file=sys.stderr)
+        log_mod.print_stderr(f"chatd: {exc}")
         return 1
     read_end, write_end = os.pipe()
     _become_subreaper()
@@ -338,7 +337,7 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
     if _wait_unlocked(settings.pidfile, 5.0):
         _remove_stale(settings)  # a killed or crashed daemon could not remove it
     _reap_children()
-    print(f"chatd: {outcome.removeprefix('ERROR ')}", file=sys.stderr)
+    log_mod.print_stderr(f"chatd: {outcome.removeprefix('ERROR ')}")
     return 1
 
 
@@ -371,7 +370,7 @@ def _wait_unlocked(path: str, timeout: float) -> bool:
 def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
     found = pidfile_mod.probe(settings.pidfile)
     if found.state is State.UNKNOWN:
-        print(f"chatd: cannot tell whether chatd runs: {found.error}", file=sys.stderr)
+        log_mod.print_stderr(f"chatd: cannot tell whether chatd runs: {found.error}")
         return 1
     if found.state is not State.RUNNING or found.pid is None:
         print("chatd: not running")
@@ -386,8 +385,8 @@ def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
             _remove_stale(settings, control_files=True)
             print(f"chatd killed (pid {found.pid}) after {timeout:g} s")
             return 0
-    print(f"chatd: pid {found.pid} did not stop within {timeout:g} s"
-          + ("" if kill else "; use 'chatd stop --kill' to send SIGKILL"), file=sys.stderr)
+    log_mod.print_stderr(f"chatd: pid {found.pid} did not stop within {timeout:g} s"
+                         + ("" if kill else "; use 'chatd stop --kill' to send SIGKILL"))
     return 1
 
 
@@ -445,7 +444,7 @@ def status(settings: Settings) -> int:
     """LSB status codes: 0 running, 1 dead with a pidfile, 3 not running, 4 unknown."""
     found = pidfile_mod.probe(settings.pidfile)
     if found.state is State.UNKNOWN:
-        print(f"chatd: status unknown: {found.error}", file=sys.stderr)
+        log_mod.print_stderr(f"chatd: status unknown: {found.error}")
         return 4
     if found.state is State.ABSENT:
         print("chatd is not running")
@@ -474,15 +473,15 @@ def reload(settings: Settings) -> int:
     """Through the control channel when it answers (so errors are shown), else SIGHUP."""
     found = pidfile_mod.probe(settings.pidfile)
     if found.state is not State.RUNNING or found.pid is None:
-        print("chatd: not running", file=sys.stderr)
+        log_mod.print_stderr("chatd: not running")
         return 3
     answer = _control_request(settings.control.socket, "reload")
     if answer is not None:
         if answer.get("ok"):
             print(f"chatd reloaded (pid {found.pid})")
             return 0
-        print(f"chatd: reload refused, still running with the old settings: "
-              f"{answer.get('error')}", file=sys.stderr)
+        log_mod.print_stderr(f"chatd: reload refused, still running with the old settings: "
+                             f"{answer.get('error')}")
         return 1
     _kill_quietly(found.pid, signal.SIGHUP)
     print(f"chatd: reload requested (SIGHUP to pid {found.pid}); the log says how it went")

@@ -151,6 +151,20 @@ def _is_journal(stream: TextIO) -> bool:
     return dev.isdigit() and inode.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(inode))
 
 
+def print_stderr(message: str, level: str = "error") -> None:
+    """A command's message for the person who ran it, on stderr.
+
+    Under systemd (``ExecStartPre=chatd check-config``, ``ExecStart=chatd run``)
+    stderr is the journal, which files an unprefixed line at priority info:
+    ``journalctl -p warning`` and ``systemctl status`` would then hide the one
+    line that says why the service failed. So, there, every line starts with
+    the priority of ``level``, as the daemon's own log lines do.
+    """
+    prefix = f"<{_PRIORITY.get(level, 3)}>" if _is_journal(sys.stderr) else ""
+    sys.stderr.write("".join(f"{prefix}{line}\n" for line in message.split("\n")))
+    sys.stderr.flush()
+
+
 def current_sink() -> Sink | None:
     return _current
 

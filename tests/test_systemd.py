@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import select
 import shutil
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import CHATD, UdpUser, free_udp_port, wait_for, write_config
+from helpers import CHATD, ChatdProcess, UdpUser, free_udp_port, wait_for, write_config
 
 from chatd import config as config_mod
 from chatd.control import request
@@ -468,6 +470,85 @@ def test_inherited_journal_stream_of_another_stream_adds_no_prefixes(tmp_path: P
         notes.close()
     lines = stderr_path.read_text().splitlines()
     assert lines and all(line.startswith("{") for line in lines), lines
+
+
+def stderr_under_journald(tmp_path: Path, argv: list[str],
+                          journal_stream: str | None = None) -> str:
+    """A command's stderr when it is the stream systemd connected to journald."""
+    path = tmp_path / "stderr"
+    with path.open("wb") as stderr:
+        st = os.fstat(stderr.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": journal_stream or f"{st.st_dev}:{st.st_ino}"}
+        result = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr, timeout=60)
+    assert result.returncode != 0, argv
+    return path.read_text()
+
+
+def test_command_errors_reach_the_journal_as_errors(tmp_path: Path) -> None:
+    """ExecStartPre=chatd check-config and ExecStart=chatd run/start say why a start failed
+    on stderr; at journald's default priority (info) `journalctl -p warning` hid it."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("room:\n  max_users: lots\n")
+    err = stderr_under_journald(tmp_path, [*CHATD, "check-config", "-c", str(broken)])
+    assert re.fullmatch(rf"<3>chatd: config error: {re.escape(str(broken))}, line 2: "
+                        r"room\.max_users: expected an integer, got 'lots'\n", err), err
+    err = stderr_under_journald(tmp_path, [*CHATD, "status", "-c", str(broken)])
+    assert err.startswith("<4>chatd: warning: "), err
+
+    port = free_udp_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        for command in ("run", "start"):
+            directory = tmp_path / command
+            directory.mkdir()
+            config = write_config(directory, port=port)
+            err = stderr_under_journald(tmp_path, [*CHATD, command, "-c", str(config)])
+            assert re.fullmatch(r"<3>chatd: .*\n", err) and str(port) in err, err
+
+    chatctl = [str(VENV_BIN / "chatctl"), "--socket", str(tmp_path / "nothing.sock"), "who"]
+    err = stderr_under_journald(tmp_path, chatctl)
+    assert err.startswith("<3>chatctl: chatd is not running?"), err
+
+
+def test_command_errors_elsewhere_carry_no_prefix(tmp_path: Path) -> None:
+    """On a terminal, or a stderr redirected away from the journal, nothing changes."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("room:\n  max_users: lots\n")
+    err = stderr_under_journald(tmp_path, [*CHATD, "check-config", "-c", str(broken)],
+                                journal_stream="8:123456")
+    assert err.startswith("chatd: config error: "), err
+
+
+# -- a runtime directory that changed hands -------------------------------------------------
+
+
+def test_stop_is_clean_when_the_runtime_dir_changed_owner() -> None:
+    """systemd chowns a RuntimeDirectory= to the DynamicUser of whichever unit starts with it;
+    a daemon that then cannot remove its control socket and FIFO says so, and still exits 0
+    (it used to die of the PermissionError, and systemd recorded a failure)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run chatd as another user")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this system")
+    directory = Path(tempfile.mkdtemp(prefix="chatd-test-"))  # pytest's tmp_path is 0700
+    directory.chmod(0o755)
+    server = ChatdProcess(directory, {"daemon": {"user": "nobody"}})
+    try:
+        server.start()
+        control = config_mod.load(str(server.config)).control
+        assert server.runtime_dir.stat().st_uid == nobody.pw_uid
+        os.chown(server.runtime_dir, 0, 0)  # mode 0755: nobody can no longer unlink in it
+        status = server.stop()
+        events = server.log_events()
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert status == 0
+    left = {e["path"]: e["error"] for e in events if e["event"] == "control_file_not_removed"}
+    assert left == {control.socket: "Permission denied", control.fifo: "Permission denied"}
 
 
 # -- the hardening the units promise ----------------------------------------------------------

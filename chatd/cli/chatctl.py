@@ -9,6 +9,7 @@ from typing import Any
 
 from chatd import __version__
 from chatd import config as config_mod
+from chatd import log as log_mod
 from chatd.control import ControlError, request
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
@@ -61,16 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = config_mod.locate(config_mod.config_path(args.config))[0].control.socket
         except config_mod.ConfigError as exc:
-            print(f"chatctl: config error: {exc}", file=sys.stderr)
+            log_mod.print_stderr(f"chatctl: config error: {exc}")
             return EXIT_USAGE
     cmd, cmd_args = _request(args)
     try:
         answer = request(path, cmd, cmd_args, timeout=args.timeout)
     except ControlError as exc:
-        print(f"chatctl: chatd is not running? {exc}", file=sys.stderr)
+        log_mod.print_stderr(f"chatctl: chatd is not running? {exc}")
         return EXIT_NOT_RUNNING
     if not answer.get("ok"):
-        print(f"chatctl: {answer.get('error', 'refused')}", file=sys.stderr)
+        log_mod.print_stderr(f"chatctl: {answer.get('error', 'refused')}")
         return EXIT_REFUSED
     result = answer.get("result")
     if getattr(args, "json", False):

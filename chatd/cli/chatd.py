@@ -9,6 +9,7 @@ import yaml
 
 from chatd import __version__, daemon
 from chatd import config as config_mod
+from chatd import log as log_mod
 
 EXIT_USAGE = 2
 
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             # on reload the daemon itself says what is wrong with it
             settings, problem = config_mod.locate(path)
             if problem is not None and args.command != "reload":
-                print(f"chatd: warning: {problem}", file=sys.stderr)
+                log_mod.print_stderr(f"chatd: warning: {problem}", "warning")
         else:
             settings = config_mod.load(path)
     except config_mod.ConfigError as exc:
-        print(f"chatd: config error: {exc}", file=sys.stderr)
+        log_mod.print_stderr(f"chatd: config error: {exc}")
         return EXIT_USAGE
     if args.command == "check-config":
         print(f"# {path or 'built-in defaults'}: OK; the effective configuration:")
