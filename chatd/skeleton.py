@@ -58,7 +58,10 @@ def _data() -> tuple[str, dict[int, str | None]]:
     """The version, and a :meth:`str.translate` table doing steps 2 and 3 of the skeleton."""
     path = data_path()
     try:
-        version, prototypes = parse(path.read_text(encoding="utf-8-sig").splitlines())
+        # plain utf-8 and the BOM by hand: the utf-8-sig codec is imported on first use,
+        # which may be after the daemon dropped the privileges to read Python's own files
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
+        version, prototypes = parse(text.splitlines())
     except (OSError, ValueError) as exc:
         raise ConfusablesDataError(f"cannot read {path}: {exc}") from exc
     if not prototypes:
