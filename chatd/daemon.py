@@ -119,6 +119,8 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
         raise StartError(f"cannot lock pidfile {settings.pidfile}: {exc.strerror}") from None
     try:
         try:
+            if settings.log.file is not None and identity is not None and os.geteuid() == 0:
+                log_mod.prepare_log_file(settings.log.file, identity)
             sink = log_mod.configure(settings.log)
         except OSError as exc:
             raise StartError(f"cannot open log.file {settings.log.file}: {exc.strerror}") from None
@@ -151,6 +153,7 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
     """
     try:
         drop_privileges(prepared.identity)
+        _check_log_reopenable(prepared.settings)
         prepared.pidfile.write(os.getpid())
         # A forked child (the admin child) would share the lock and keep "running" true
         # after the daemon was killed or had stopped; only the daemon may hold it.
@@ -170,6 +173,16 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
     finally:
         prepared.sock.close()  # the port first: it must be free once the lock is
         prepared.pidfile.release()
+
+
+def _check_log_reopenable(settings: Settings) -> None:
+    """Say at start-up, not after the first rotation, that logging would then stop."""
+    path = settings.log.file
+    problem = log_mod.reopen_problem(path) if path is not None else None
+    if problem is not None:
+        log.warning("log_file_not_reopenable", path=path, problem=problem,
+                    hint="once logrotate moves the file away, lines go on to the moved file; "
+                    "give chatd's user write access to the directory, or use copytruncate")
 
 
 def _keep_pidfile(pidfile: PidFile) -> None:

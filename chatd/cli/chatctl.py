@@ -100,6 +100,7 @@ def _status(status: dict[str, Any]) -> str:
         values = status.get(key) or {}
         shown = ", ".join(f"{k} {v}" for k, v in sorted(values.items())) or "none"
         lines.append(f"{title + ':':<13} {shown}")
+    lines.append(f"log errors:   {status.get('log_write_errors', 0)} lines not written")
     return "\n".join(lines)
 
 
