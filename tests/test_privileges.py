@@ -343,3 +343,16 @@ def test_an_existing_log_directory_chatd_cannot_write_is_reported(
     assert shared.stat().st_uid == 0
     warning = [e for e in read_log_events(log) if e["event"] == "log_file_not_reopenable"]
     assert warning and f"may not create files in {shared}" in warning[0]["problem"]
+
+
+def test_chatctl_refused_by_the_peer_check_exits_4(shared, configs, local_users) -> None:
+    """A socket anyone may connect to (control.mode 0666): the admin child's check refuses."""
+    outsider = local_users()
+    config = configs({"control": {"mode": 0o666}})
+    started(config)
+    result = outsider.chatctl("-c", str(config), "say", "hello")
+    assert result.returncode == 4, result
+    assert "permission denied" in result.stderr
+    reload = outsider.chatd("reload", "-c", str(config))
+    assert reload.returncode == 4, reload
+    assert "permission denied" in reload.stderr and "Traceback" not in reload.stderr

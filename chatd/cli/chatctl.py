@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatctl: chatd is not running? {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING
     if not answer.get("ok"):
-        print(f"chatctl: {answer.get('error', 'refused')}", file=sys.stderr)
-        return EXIT_REFUSED
+        error = str(answer.get("error", "refused"))
+        print(f"chatctl: {error}", file=sys.stderr)
+        # the admin child's peer check: like EACCES on the socket, only later
+        return EXIT_DENIED if error.startswith("permission denied") else EXIT_REFUSED
     result = answer.get("result")
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, ensure_ascii=False))
