@@ -500,14 +500,18 @@ def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
         print(f"chatd stopped (pid {pid})")
         return 0
     if kill:
+        again = pidfile_mod.probe(settings.pidfile)
         try:
             # the same process still, holding the lock: not a pid reused meanwhile
-            if verified_pid(settings, pidfile_mod.probe(settings.pidfile)) != pid:
-                raise Refused(f"pid {pid} no longer holds the lock on {settings.pidfile}")
-            _signal(pid, signal.SIGKILL)
+            if again.state is State.RUNNING:
+                if verified_pid(settings, again) != pid:
+                    raise Refused(f"pid {pid} no longer holds the lock on {settings.pidfile}")
+                _signal(pid, signal.SIGKILL)
         except Refused as exc:
             print(f"chatd: {exc}", file=sys.stderr)
             return 1
+        except PermissionError:
+            return _denied(pid)
         if _wait_unlocked(settings.pidfile, 5.0):
             _remove_stale(settings, control_files=True)
             print(f"chatd killed (pid {pid}) after {timeout:g} s")

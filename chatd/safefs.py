@@ -52,13 +52,15 @@ def make_dir(path: str, mode: int) -> bool:
     parent = os.path.dirname(path)
     if parent and not os.path.isdir(parent):
         os.makedirs(parent, exist_ok=True)
-    old = os.umask(0)
     try:
-        os.mkdir(path, mode)
+        os.mkdir(path, mode)  # the umask may take bits away, never add any
     except FileExistsError:
         return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
     finally:
-        os.umask(old)
+        os.close(fd)
     return True
 
 
