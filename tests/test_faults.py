@@ -184,6 +184,9 @@ def test_log_file_deleted_is_recreated(make_chatd):
 def test_logrotate(make_chatd, tmp_path, mode):
     server = make_chatd({"log": {"level": "info"}})
     assert _logged_after_joining(server, "before_rotation")
+    # "user_left" is logged just after EXIT is sent: let it land before the rotation
+    wait_for(lambda: any(e.get("event") == "user_left" and e.get("name") == "before_rotation"
+                         for e in server.log_events()), what="user_left before the rotation")
     conf = tmp_path / "logrotate.conf"
     conf.write_text(f"{server.log_path} {{\n  rotate 2\n  {mode}\n  missingok\n}}\n")
     subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)], check=True,
