@@ -17,6 +17,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -81,7 +82,7 @@ def started(config: Path) -> None:
 
 
 def test_runtime_dir_that_is_a_symlink_is_refused_and_its_target_left_alone(
-        shared, configs, local_users) -> None:
+        shared, local_users, configs) -> None:
     chatd_user = local_users()
     target = shared / "root-owned"
     target.mkdir(mode=0o755)
@@ -231,7 +232,7 @@ def test_default_runtime_dir_made_first_by_another_user(shared, local_users) -> 
 @pytest.mark.skipif(shutil.which("flock") is None, reason="flock(1) is not installed")
 @pytest.mark.parametrize("named", ["a victim", "the lock holder"])
 def test_stop_kill_signals_nothing_but_a_chatd_holding_the_lock(
-        shared, configs, local_users, named) -> None:
+        shared, local_users, configs, named) -> None:
     """The daemon's user killed its daemon, named another pid in the pidfile and holds the
     lock itself: root's ``chatd stop --kill`` must not kill that pid."""
     chatd_user = local_users()
@@ -242,7 +243,7 @@ def test_stop_kill_signals_nothing_but_a_chatd_holding_the_lock(
     pidfile = run / "chatd.pid"
     victim = subprocess.Popen(["sleep", "300"])  # root's: chatd's user may not signal it
     holder = chatd_user.popen(["flock", "--exclusive", "--nonblock", str(pidfile),
-                               "sleep", "300"])
+                               "sleep", "300"], start_new_session=True)  # flock forks sleep
     try:
         wait_for(lambda: probe(str(pidfile)).state is State.RUNNING, what="the planted lock")
         named_pid = victim.pid if named == "a victim" else holder.pid
@@ -263,15 +264,17 @@ def test_stop_kill_signals_nothing_but_a_chatd_holding_the_lock(
         assert reload.returncode == 1 and "refusing to signal" in reload.stderr
         assert victim.poll() is None and holder.poll() is None
     finally:
+        victim.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
         for proc in (victim, holder):
-            proc.kill()
             proc.wait(10)
 
 
 # -- item 10: the README's daemon.user + control.group example, as real users -------------------
 
 
-def test_readme_daemon_user_and_control_group_example(shared, configs, local_users) -> None:
+def test_readme_daemon_user_and_control_group_example(shared, local_users, configs) -> None:
     admins = local_users.group()
     chatd_user = local_users()
     alice = local_users(groups=(admins,))  # an admin: a member of control.group
@@ -312,7 +315,7 @@ def test_readme_daemon_user_and_control_group_example(shared, configs, local_use
     assert stopped.returncode == 0, stopped
 
 
-def test_log_reopened_after_rotation_under_daemon_user(shared, configs, local_users) -> None:
+def test_log_reopened_after_rotation_under_daemon_user(shared, local_users, configs) -> None:
     chatd_user = local_users()
     log = shared / "logs" / "chatd.log"
     config = configs({"daemon": {"user": chatd_user.name},
@@ -334,7 +337,7 @@ def test_log_reopened_after_rotation_under_daemon_user(shared, configs, local_us
 
 
 def test_an_existing_log_directory_chatd_cannot_write_is_reported(
-        shared, configs, local_users) -> None:
+        shared, local_users, configs) -> None:
     """chatd does not take over a directory it did not make; it says what will go wrong."""
     chatd_user = local_users()
     log = shared / "chatd.log"  # in a directory of root's, 0755
@@ -345,7 +348,7 @@ def test_an_existing_log_directory_chatd_cannot_write_is_reported(
     assert warning and f"may not create files in {shared}" in warning[0]["problem"]
 
 
-def test_chatctl_refused_by_the_peer_check_exits_4(shared, configs, local_users) -> None:
+def test_chatctl_refused_by_the_peer_check_exits_4(shared, local_users, configs) -> None:
     """A socket anyone may connect to (control.mode 0666): the admin child's check refuses."""
     outsider = local_users()
     config = configs({"control": {"mode": 0o666}})
