@@ -383,8 +383,9 @@ def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
 
     Lenient on purpose: ``chatd stop``, ``status`` and ``reload`` (and ``chatctl``)
     must still reach the daemon after someone broke its file: reload, to hear
-    what is wrong with it; stop, to stop it anyway. Only ``runtime_dir`` and
-    ``control.socket``/``control.fifo`` are taken from an invalid file.
+    what is wrong with it; stop, to stop it anyway. Only ``runtime_dir``,
+    ``control.socket``/``control.fifo`` and ``daemon.user`` are taken from an
+    invalid file.
     """
     try:
         return load(path), None
@@ -400,6 +401,9 @@ def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
     control = raw.get("control") if isinstance(raw.get("control"), dict) else {}
     wanted: dict[str, Any] = {"control": {k: control[k] for k in ("socket", "fifo")
                                           if isinstance(control.get(k), str)}}
+    daemon = raw.get("daemon") if isinstance(raw.get("daemon"), dict) else {}
+    if isinstance(daemon.get("user"), str):
+        wanted["daemon"] = {"user": daemon["user"]}  # whose control socket to trust
     if isinstance(raw.get("runtime_dir"), str):
         wanted["runtime_dir"] = raw["runtime_dir"]
     try:

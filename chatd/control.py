@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 
 from chatd import log as log_mod
+from chatd import safefs
 from chatd.config import ControlSettings
 
 log = structlog.get_logger("chatd")
@@ -50,23 +51,46 @@ LINE_VERBS = {"say": ("text",), "kick": ("name", "reason"), "reload": ()}
 
 
 class ControlError(Exception):
-    """The control socket could not be reached; the message names it."""
+    """The control socket could not be used; the message names it.
+
+    ``errno`` is EACCES or EPERM when the caller may not use it (permission
+    denied, or a socket chatd's users did not make), else why it was not reached.
+    """
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+    @property
+    def denied(self) -> bool:
+        return self.errno in (errno.EACCES, errno.EPERM)
 
 
 # -- the client side ------------------------------------------------------------
 
 
 def request(path: str, cmd: str, args: dict[str, Any] | None = None,
-            timeout: float = 10.0) -> dict[str, Any]:
-    """One request, one answer. Raises :class:`ControlError` when nobody answers at ``path``."""
+            timeout: float = 10.0, daemon_uid: int | None = None) -> dict[str, Any]:
+    """One request, one answer. Raises :class:`ControlError` when nobody answers at ``path``,
+    or when whoever serves it is not root, the caller, or chatd's user ``daemon_uid``
+    (see :func:`trusted_servers`): an admin's words go to chatd or nowhere."""
+    path = os.path.abspath(path)
     payload = json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n"
+    trusted = trusted_servers(path, daemon_uid)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         try:
             sock.connect(path)
+        except PermissionError:
+            raise ControlError(f"permission denied: {path}", errno.EACCES) from None
         except OSError as exc:
-            raise ControlError(f"cannot reach the control socket {path}: {exc.strerror}") from None
+            raise ControlError(f"cannot reach the control socket {path}: {exc.strerror}",
+                               exc.errno) from None
+        # the process that listens, as the kernel saw it: no file swapped in since counts
+        server_uid = peer_credentials(sock)[1]
+        if server_uid not in trusted:
+            raise ControlError(_untrusted(path, server_uid), errno.EPERM)
         try:
             # a refused peer is cut off at once: the reason is still waiting to be read
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -81,7 +105,7 @@ def request(path: str, cmd: str, args: dict[str, Any] | None = None,
             raise ControlError(f"no answer on the control socket {path} within {timeout:g} s"
                                ) from None
         except OSError as exc:
-            raise ControlError(f"control socket {path}: {exc.strerror}") from None
+            raise ControlError(f"control socket {path}: {exc.strerror}", exc.errno) from None
     finally:
         sock.close()
     try:
@@ -91,6 +115,51 @@ def request(path: str, cmd: str, args: dict[str, Any] | None = None,
     if not isinstance(answer, dict) or "ok" not in answer:
         raise ControlError(f"control socket {path} gave no valid answer")
     return answer
+
+
+def trusted_servers(path: str, daemon_uid: int | None) -> frozenset[int]:
+    """The uids that may serve the control socket at ``path``, or :class:`ControlError`.
+
+    Root, the caller and chatd's user (``daemon.user``); and the owner of the
+    socket's directory when root made that directory for it, as systemd's
+    ``RuntimeDirectory=`` does for a ``DynamicUser=`` (the directory is not
+    writable by others and lies in a root-owned directory nobody else may write).
+    Anyone else could have put a socket there (a ``/tmp/chatd-UID`` made first by
+    another user) to read what the admin says and answer "ok".
+    """
+    trusted = {0, os.getuid()} | ({daemon_uid} if daemon_uid is not None else set())
+    try:
+        st = os.lstat(path)
+    except PermissionError:
+        raise ControlError(f"permission denied: {path}", errno.EACCES) from None
+    except OSError as exc:
+        raise ControlError(f"cannot reach the control socket {path}: {exc.strerror}",
+                           exc.errno) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ControlError(f"refusing the control socket {path}: it is a symbolic link",
+                           errno.EPERM)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"cannot reach the control socket {path}: not a socket",
+                           errno.ENOTSOCK)
+    if st.st_uid not in trusted and _made_by_root_for(os.path.dirname(path), st.st_uid):
+        trusted.add(st.st_uid)
+    if st.st_uid not in trusted:
+        raise ControlError(_untrusted(path, st.st_uid), errno.EPERM)
+    return frozenset(trusted)
+
+
+def _made_by_root_for(directory: str, uid: int) -> bool:
+    try:
+        mine, parent = os.lstat(directory), os.lstat(os.path.dirname(directory))
+    except OSError:
+        return False
+    return (stat.S_ISDIR(mine.st_mode) and mine.st_uid == uid and not mine.st_mode & 0o022
+            and parent.st_uid == 0 and not parent.st_mode & 0o022)
+
+
+def _untrusted(path: str, uid: int) -> str:
+    return (f"refusing the control socket {path}: it is served by {safefs.user_name(uid)}, "
+            "not by root, you or chatd's user (daemon.user), so it is not chatd's")
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
@@ -229,9 +298,36 @@ def _socket_is_live(path: str) -> bool:
         probe.close()
 
 
-def _chgrp(path: str, gid: int | None) -> None:
-    if gid is not None:
-        os.chown(path, -1, gid)
+def _chgrp(path: str, gid: int | None, fd: int | None = None) -> None:
+    """Give ``path`` (or the FIFO open at ``fd``) to ``control.group``; never through a link.
+
+    Usually there is nothing to do: chatd gives runtime_dir that group (set-group-ID)
+    before it drops privileges, and what is created in it inherits the group.
+    """
+    if gid is None:
+        return
+    st = os.fstat(fd) if fd is not None else os.lstat(path)
+    if st.st_gid == gid:
+        return
+    try:
+        if fd is not None:
+            os.fchown(fd, -1, gid)
+        else:
+            os.chown(path, -1, gid, follow_symlinks=False)
+    except PermissionError:
+        group = grp.getgrgid(gid).gr_name
+        raise OSError(errno.EPERM, f"cannot give {path} to group {group}: "
+                      f"{safefs.user_name(os.geteuid())} is not a member; keep the control "
+                      "socket and FIFO in runtime_dir (chatd gives it that group), or add "
+                      "the user to the group") from None
+
+
+def _private_parent(path: str) -> None:
+    """The directory of the socket or FIFO: made if missing, refused if another user could
+    swap files in it (see :mod:`chatd.safefs`)."""
+    directory = os.path.dirname(path)
+    safefs.make_dir(directory, 0o755)
+    safefs.check_private_dir(directory, {0, os.geteuid()})
 
 
 def create_socket(settings: ControlSettings, gid: int | None) -> socket.socket:
@@ -245,7 +341,7 @@ def create_socket(settings: ControlSettings, gid: int | None) -> socket.socket:
 
 
 def _bind_control_socket(path: str, mode: int, gid: int | None) -> socket.socket:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _private_parent(path)
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
@@ -253,14 +349,19 @@ def _bind_control_socket(path: str, mode: int, gid: int | None) -> socket.socket
             raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
     try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    _chgrp(path, gid)
-    os.chmod(path, mode)
-    sock.listen(MAX_CONNECTIONS)
+        # bind() makes the file with exactly this mode: no chmod by path afterwards, and
+        # nobody can connect before listen(), so the group is set in time
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        _chgrp(path, gid)
+        sock.listen(MAX_CONNECTIONS)
+    except BaseException:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
@@ -276,17 +377,26 @@ def create_fifo(settings: ControlSettings, gid: int | None) -> int:
 
 
 def _open_fifo(path: str, gid: int | None) -> int:
+    _private_parent(path)
     if os.path.lexists(path) and not stat.S_ISFIFO(os.lstat(path).st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a FIFO")
-    if not os.path.lexists(path):
-        old = os.umask(0o177)
-        try:
-            os.mkfifo(path, 0o600)
-        finally:
-            os.umask(old)
-    _chgrp(path, gid)
-    os.chmod(path, 0o620)
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        os.mkfifo(path, 0o600)  # the group may write only once the group is right
+    except FileExistsError:
+        pass
+    finally:
+        os.umask(old)
+    fd = safefs.open_nofollow(path, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a FIFO")
+        _chgrp(path, gid, fd)
+        os.fchmod(fd, 0o620)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_stale_files(settings: ControlSettings) -> None:

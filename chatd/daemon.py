@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import grp
 import os
 import pwd
 import select
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass, replace
 
 import structlog
 
-from chatd import control, systemd
+from chatd import control, safefs, systemd
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
 from chatd.admin import AdminStartError, AdminSupervisor
@@ -34,6 +36,7 @@ from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
 log = structlog.get_logger("chatd")
 
 PR_SET_CHILD_SUBREAPER = 36
+EXIT_DENIED = 4  # stop/reload: permission denied (status: LSB "unknown")
 
 
 class StartError(Exception):
@@ -88,14 +91,47 @@ def drop_privileges(identity: tuple[int, int] | None) -> None:
     os.setuid(uid)
 
 
-def _make_runtime_dir(settings: Settings, identity: tuple[int, int] | None) -> None:
-    path = settings.runtime_dir
+def resolve_control_group(settings: Settings) -> int | None:
+    group = settings.control.group
+    if group is None:
+        return None
     try:
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        if identity is not None and os.geteuid() == 0:
-            os.chown(path, *identity)
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartError(f"control.group: no such group {group!r}") from None
+
+
+def _make_runtime_dir(settings: Settings, identity: tuple[int, int] | None,
+                      control_gid: int | None) -> None:
+    """Create or check runtime_dir, and make it the daemon user's while we are still root.
+
+    It must be a real directory (not a link), owned by root or the daemon's user,
+    and writable by nobody else: whoever can write in it can swap the pidfile,
+    the control socket or the FIFO. With ``control.group`` it gets that group and
+    the set-group-ID bit, so the socket and FIFO the daemon's user creates in it
+    later (also after a wipe) belong to the group without a chgrp it may not do.
+    """
+    path = settings.runtime_dir
+    owner = identity[0] if identity is not None else os.geteuid()
+    try:
+        safefs.make_dir(path, 0o755)
+        fd = safefs.open_private_dir(path, {0, owner})
+    except safefs.UnsafePath as exc:
+        raise StartError(f"refusing runtime_dir: {exc.strerror} (or set runtime_dir "
+                         "in the config)") from None
     except OSError as exc:
         raise StartError(f"cannot create runtime_dir {path}: {exc.strerror}") from None
+    try:
+        if identity is not None and os.geteuid() == 0:
+            uid, gid = identity
+            os.fchown(fd, uid, control_gid if control_gid is not None else gid)
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            os.fchmod(fd, mode | stat.S_ISGID if control_gid is not None else mode & ~stat.S_ISGID)
+    except OSError as exc:
+        raise StartError(f"cannot give runtime_dir {path} to {safefs.user_name(owner)}: "
+                         f"{exc.strerror}") from None
+    finally:
+        os.close(fd)
     if not os.access(path, os.W_OK) and identity is None:
         raise StartError(f"runtime_dir {path} is not writable (set runtime_dir in the config)")
 
@@ -108,7 +144,7 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
     if daemonize and settings.log.file is None:
         settings = replace(settings, log=replace(settings.log, file=default_log_file()))
     identity = resolve_identity(settings)
-    _make_runtime_dir(settings, identity)
+    _make_runtime_dir(settings, identity, resolve_control_group(settings))
     pidfile = PidFile(settings.pidfile)
     try:
         pidfile.acquire()
@@ -118,6 +154,8 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
         raise StartError(f"cannot lock pidfile {settings.pidfile}: {exc.strerror}") from None
     try:
         try:
+            if settings.log.file is not None and identity is not None and os.geteuid() == 0:
+                log_mod.prepare_log_file(settings.log.file, identity)
             sink = log_mod.configure(settings.log)
         except OSError as exc:
             raise StartError(f"cannot open log.file {settings.log.file}: {exc.strerror}") from None
@@ -150,6 +188,7 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
     """
     try:
         drop_privileges(prepared.identity)
+        _check_log_reopenable(prepared.settings)
         prepared.pidfile.write(os.getpid())
         # A forked child (the admin child) would share the lock and keep "running" true
         # after the daemon was killed or had stopped; only the daemon may hold it.
@@ -169,6 +208,16 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
     finally:
         prepared.sock.close()  # the port first: it must be free once the lock is
         prepared.pidfile.release()
+
+
+def _check_log_reopenable(settings: Settings) -> None:
+    """Say at start-up, not after the first rotation, that logging would then stop."""
+    path = settings.log.file
+    problem = log_mod.reopen_problem(path) if path is not None else None
+    if problem is not None:
+        log.warning("log_file_not_reopenable", path=path, problem=problem,
+                    hint="once logrotate moves the file away, lines go on to the moved file; "
+                    "give chatd's user write access to the directory, or use copytruncate")
 
 
 def _keep_pidfile(pidfile: PidFile) -> None:
@@ -367,25 +416,106 @@ def _wait_unlocked(path: str, timeout: float) -> bool:
 # -- chatd stop / status / reload -----------------------------------------------------
 
 
+class Refused(Exception):
+    """A pid that ``stop``/``status``/``reload`` will not signal; the message says why."""
+
+
+def verified_pid(settings: Settings, found: pidfile_mod.Probe) -> int:
+    """The pid to signal: the one the pidfile names, only if that very process holds the
+    pidfile's lock and is chatd. Raises :class:`Refused` otherwise.
+
+    Whoever can write the pidfile (the daemon's user, after killing its daemon) can
+    name any pid in it, and keep the lock held by a process of its own; root's
+    ``chatd stop --kill`` would then kill whatever that pid is.
+    """
+    path, pid, holders = settings.pidfile, found.pid, found.holders
+    if holders is None:
+        raise Refused(f"cannot tell which process holds the lock on {path} (/proc/locks "
+                      f"cannot be read): not signalling pid {pid}")
+    if pid is None or pid not in holders:
+        held = ", ".join(str(h) for h in holders) or "a process out of sight"
+        named = f"names pid {pid}" if pid is not None else "names no pid"
+        raise Refused(f"{path} {named}, but its lock is held by pid {held}: refusing to signal "
+                      "either (was chatd killed and its pidfile replaced?)")
+    argv = process_argv(pid)
+    if not looks_like_chatd(argv):
+        shown = " ".join(argv)[:200] or "its command line cannot be read"
+        raise Refused(f"pid {pid} holds the lock on {path} but is not chatd ({shown}): "
+                      "refusing to signal it")
+    return pid
+
+
+def process_argv(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def looks_like_chatd(argv: list[str]) -> bool:
+    """``chatd ...``, ``python /usr/bin/chatd ...`` or ``python -m chatd ...``."""
+    return any(arg == "-mchatd" or os.path.basename(arg) == "chatd" for arg in argv[:4])
+
+
+def _signal(pid: int, signum: int) -> None:
+    """os.kill that ignores a process already gone; PermissionError goes to the caller."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _denied(pid: int) -> int:
+    try:
+        owner = safefs.user_name(os.stat(f"/proc/{pid}").st_uid)
+    except OSError:
+        owner = "another user"
+    log_mod.print_stderr(f"chatd: permission denied: pid {pid} runs as {owner}; "
+                         f"run this as root or as {owner}")
+    return EXIT_DENIED
+
+
+def _unknown_exit(found: pidfile_mod.Probe) -> int:
+    return EXIT_DENIED if found.errno in (errno.EACCES, errno.EPERM) else 1
+
+
 def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
     found = pidfile_mod.probe(settings.pidfile)
     if found.state is State.UNKNOWN:
         log_mod.print_stderr(f"chatd: cannot tell whether chatd runs: {found.error}")
-        return 1
+        return _unknown_exit(found)
     if found.state is not State.RUNNING or found.pid is None:
         print("chatd: not running")
         return 0
-    _kill_quietly(found.pid, signal.SIGTERM)
+    try:
+        pid = verified_pid(settings, found)
+        _signal(pid, signal.SIGTERM)
+    except Refused as exc:
+        log_mod.print_stderr(f"chatd: {exc}")
+        return 1
+    except PermissionError:
+        return _denied(found.pid)
     if _wait_unlocked(settings.pidfile, timeout):
-        print(f"chatd stopped (pid {found.pid})")
+        print(f"chatd stopped (pid {pid})")
         return 0
     if kill:
-        _kill_quietly(found.pid, signal.SIGKILL)
+        again = pidfile_mod.probe(settings.pidfile)
+        try:
+            # the same process still, holding the lock: not a pid reused meanwhile
+            if again.state is State.RUNNING:
+                if verified_pid(settings, again) != pid:
+                    raise Refused(f"pid {pid} no longer holds the lock on {settings.pidfile}")
+                _signal(pid, signal.SIGKILL)
+        except Refused as exc:
+            log_mod.print_stderr(f"chatd: {exc}")
+            return 1
+        except PermissionError:
+            return _denied(pid)
         if _wait_unlocked(settings.pidfile, 5.0):
             _remove_stale(settings, control_files=True)
-            print(f"chatd killed (pid {found.pid}) after {timeout:g} s")
+            print(f"chatd killed (pid {pid}) after {timeout:g} s")
             return 0
-    log_mod.print_stderr(f"chatd: pid {found.pid} did not stop within {timeout:g} s"
+    log_mod.print_stderr(f"chatd: pid {pid} did not stop within {timeout:g} s"
                          + ("" if kill else "; use 'chatd stop --kill' to send SIGKILL"))
     return 1
 
@@ -432,12 +562,23 @@ def format_duration(seconds: float) -> str:
     return " ".join(shown[:2])
 
 
-def _control_request(socket_path: str, cmd: str) -> dict | None:
-    """The daemon's answer through the control channel, or None when it cannot be reached."""
-    try:
-        return control.request(socket_path, cmd, timeout=5.0)
-    except control.ControlError:
+def daemon_uid(settings: Settings) -> int | None:
+    """The uid of ``daemon.user``, whose control socket ``chatd`` and ``chatctl`` trust."""
+    if settings.daemon.user is None:
         return None
+    try:
+        return pwd.getpwnam(settings.daemon.user).pw_uid
+    except KeyError:
+        return None
+
+
+def _control_request(settings: Settings, cmd: str) -> tuple[dict | None, str]:
+    """The daemon's answer through the control channel, or None and why it was not reached."""
+    try:
+        return control.request(settings.control.socket, cmd, timeout=5.0,
+                               daemon_uid=daemon_uid(settings)), ""
+    except control.ControlError as exc:
+        return None, str(exc)
 
 
 def status(settings: Settings) -> int:
@@ -452,15 +593,21 @@ def status(settings: Settings) -> int:
     if found.state is State.STALE:
         print(f"chatd is dead, but its pidfile remains ({settings.pidfile}, pid {found.pid})")
         return 1
-    uptime = process_uptime(found.pid) if found.pid else None
+    try:
+        pid = verified_pid(settings, found)
+    except Refused as exc:
+        log_mod.print_stderr(f"chatd: status unknown: {exc}")
+        return 4
+    uptime = process_uptime(pid)
     up = f", up {format_duration(uptime)}" if uptime is not None else ""
-    answer = _control_request(settings.control.socket, "status")
+    answer, problem = _control_request(settings, "status")
     if answer is None or not answer.get("ok"):
-        print(f"chatd is running (pid {found.pid}{up}); "
-              f"control socket {settings.control.socket} not answering")
+        why = problem or str(answer.get("error") if answer else "")
+        print(f"chatd is running (pid {pid}{up}); control socket {settings.control.socket} "
+              f"not answering" + (f" ({why})" if why else ""))
         return 0
     info = answer["result"]
-    print(f"chatd is running (pid {found.pid}, udp {info['address']}{up})")
+    print(f"chatd is running (pid {pid}, udp {info['address']}{up})")
     print(f"users: {info['users']} of {info['max_users']}")
     counters = info.get("counters", {})
     drops = sum(info.get("drops", {}).values())
@@ -472,17 +619,32 @@ def status(settings: Settings) -> int:
 def reload(settings: Settings) -> int:
     """Through the control channel when it answers (so errors are shown), else SIGHUP."""
     found = pidfile_mod.probe(settings.pidfile)
+    if found.state is State.UNKNOWN:
+        log_mod.print_stderr(f"chatd: cannot tell whether chatd runs: {found.error}")
+        return _unknown_exit(found)
     if found.state is not State.RUNNING or found.pid is None:
         log_mod.print_stderr("chatd: not running")
         return 3
-    answer = _control_request(settings.control.socket, "reload")
+    try:
+        pid = verified_pid(settings, found)
+    except Refused as exc:
+        log_mod.print_stderr(f"chatd: {exc}")
+        return 1
+    answer, _ = _control_request(settings, "reload")
     if answer is not None:
         if answer.get("ok"):
-            print(f"chatd reloaded (pid {found.pid})")
+            print(f"chatd reloaded (pid {pid})")
             return 0
+        error = str(answer.get("error"))
+        if error.startswith("permission denied"):
+            log_mod.print_stderr(f"chatd: {error}")
+            return EXIT_DENIED
         log_mod.print_stderr(f"chatd: reload refused, still running with the old settings: "
-                             f"{answer.get('error')}")
+                             f"{error}")
         return 1
-    _kill_quietly(found.pid, signal.SIGHUP)
-    print(f"chatd: reload requested (SIGHUP to pid {found.pid}); the log says how it went")
+    try:
+        _signal(pid, signal.SIGHUP)
+    except PermissionError:
+        return _denied(pid)
+    print(f"chatd: reload requested (SIGHUP to pid {pid}); the log says how it went")
     return 0

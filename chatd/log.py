@@ -1,27 +1,76 @@
 """Structured logs: JSON lines (or a console rendering) to a file or stderr.
 
 The sink never raises: a full disk or a deleted log file must not stop the
-room, so write errors are counted instead. A file that logrotate moved away
-is noticed (its inode changes) and reopened, and ``copytruncate`` works too
-because the file is opened for appending.
+room, so write errors are counted instead (``chatctl status`` shows them).
+Each line is written whole or not at all: one ``write`` on an ``O_APPEND``
+descriptor, and the few bytes of a line cut short by a full disk are
+truncated away again, so the file stays valid JSON lines.
+
+A file that logrotate moved away is noticed (its inode changes) and
+reopened, and ``copytruncate`` works too because the file is opened for
+appending. If the new file cannot be opened (the daemon's user may not
+create it), lines keep going to the old one, which says why. The file is
+created 0640 (it holds names and addresses) and never through a symbolic
+link: the daemon may still be root when it opens it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
+import stat
 import sys
 import time
 from typing import Any, TextIO
 
 import structlog
 
+from chatd import safefs
 from chatd.config import LogSettings
 
 # syslog priorities, for journald's "<N>" prefixes on stderr
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,
              "exception": 3, "fatal": 2, "msg": 6}
+
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+
+
+def open_log_file(path: str) -> int:
+    """An ``O_APPEND`` descriptor on ``path``, made (with its directory) when missing."""
+    safefs.make_dir(os.path.dirname(path), DIR_MODE)
+    return safefs.open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+
+
+def prepare_log_file(path: str, owner: tuple[int, int]) -> None:
+    """As root, before dropping privileges to ``owner`` (uid, gid): make the log directory
+    and file that do not exist yet ``owner``'s, so that after logrotate moved the file
+    away the daemon may create it again. What exists already is left as it is."""
+    directory = os.path.dirname(path)
+    if safefs.make_dir(directory, DIR_MODE):
+        os.chown(directory, *owner, follow_symlinks=False)
+    try:
+        fd = safefs.create_new(path, os.O_WRONLY | os.O_APPEND, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+
+
+def reopen_problem(path: str) -> str | None:
+    """Why this process could not open ``path`` again after a rotation, or None."""
+    directory = os.path.dirname(path) or "."
+    who = safefs.user_name(os.geteuid())
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{who} may not write {path}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{who} may not create files in {directory}"
+    return None
 
 
 class Sink:
@@ -32,18 +81,15 @@ class Sink:
         self.journal = journal
         self.write_errors = 0
         self._stream = stream
-        self._file: TextIO | None = None
+        self._fd: int | None = None
+        self._reopen_failed = False
         if path is not None:
-            self._file = self._open(path)
-
-    @staticmethod
-    def _open(path: str) -> TextIO:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept open
+            self._fd = open_log_file(path)
 
     def fileno(self) -> int | None:
-        target = self._file or self._stream
-        return target.fileno() if target is not None else None
+        if self._fd is not None:
+            return self._fd
+        return self._stream.fileno() if self._stream is not None else None
 
     def write(self, level: str, line: str) -> None:
         try:
@@ -54,36 +100,69 @@ class Sink:
                 stream.flush()
                 return
             self._reopen_if_moved()
-            assert self._file is not None
-            self._file.write(line + "\n")
+            self._write_whole((line + "\n").encode("utf-8", "backslashreplace"))
         except (OSError, ValueError):
             self.write_errors += 1
+
+    def _write_whole(self, data: bytes) -> None:
+        """One line, all of it or nothing: a short write (a full disk) is taken back."""
+        if self._fd is None:
+            raise OSError(errno.EBADF, "no log file")
+        written = os.write(self._fd, data)
+        if written == len(data):
+            return
+        with contextlib.suppress(OSError):
+            st = os.fstat(self._fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size >= written:
+                # O_APPEND put our bytes last; another writer on a full disk is unlikely
+                os.ftruncate(self._fd, st.st_size - written)
+        raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
 
     def _reopen_if_moved(self) -> None:
         """One stat per line, as logging.handlers.WatchedFileHandler does: log lines are
         rare events (never one per delivery), and rotation then takes effect at once."""
         assert self.path is not None
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
             current = (st.st_dev, st.st_ino)
         except OSError:
             current = None
-        if self._file is not None and current is not None:
-            mine = os.fstat(self._file.fileno())
+        if self._fd is not None and current is not None:
+            mine = os.fstat(self._fd)
             if (mine.st_dev, mine.st_ino) == current:
                 return
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                self.write_errors += 1
-        self._file = self._open(self.path)
+        try:
+            fd = open_log_file(self.path)
+        except OSError as exc:
+            self._reopen_failed_once(exc)
+            if self._fd is None:
+                raise
+            return  # better the old (rotated) file than nothing
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = fd
+        self._reopen_failed = False
+
+    def _reopen_failed_once(self, exc: OSError) -> None:
+        """Count the failure, and say it once in the file still open, where someone looks."""
+        self.write_errors += 1
+        if self._reopen_failed or self._fd is None:
+            return
+        self._reopen_failed = True
+        note = {"event": "log_reopen_failed", "path": self.path,
+                "error": exc.strerror or str(exc), "level": "error",
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "pid": os.getpid(), "hint": "lines go on to this file until it can be "
+                "reopened; give chatd's user write access to the log directory"}
+        with contextlib.suppress(OSError):
+            self._write_whole((json.dumps(note) + "\n").encode())
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+                os.close(self._fd)
+            self._fd = None
 
 
 class _SinkLogger:

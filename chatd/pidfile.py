@@ -9,6 +9,15 @@ to the open file and survives the daemon's fork.
 The pid is written atomically: into a new file that is locked first, then
 renamed over the old one, so a reader never sees half a pid and the path is
 never unlocked while the daemon lives.
+
+Neither file is opened through a symbolic link, and the temporary one is
+always a new file: whoever could plant a link in runtime_dir would otherwise
+have the daemon (often root) truncate and write the file it points at.
+
+What a pidfile says is not proof either: anyone who can write it can name
+any pid. Before a pid is signalled, ``chatd stop`` asks the kernel which
+process holds the lock (:func:`lock_holders`, from /proc/locks) and whether
+that process is chatd.
 """
 
 from __future__ import annotations
@@ -17,8 +26,11 @@ import contextlib
 import errno
 import fcntl
 import os
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from enum import Enum
+
+from chatd import safefs
 
 
 class State(Enum):
@@ -31,8 +43,12 @@ class State(Enum):
 @dataclass(frozen=True)
 class Probe:
     state: State
-    pid: int | None = None
+    pid: int | None = None  # what the file says
     error: str | None = None
+    #: RUNNING: the pids holding the lock, per the kernel; None when it cannot be told
+    holders: tuple[int, ...] | None = field(default=None, compare=False)
+    #: UNKNOWN: the errno behind ``error``
+    errno: int | None = field(default=None, compare=False)
 
 
 class AlreadyRunning(Exception):
@@ -53,25 +69,51 @@ def probe(path: str) -> Probe:
     """Whether a daemon holds ``path``, without disturbing it."""
     while True:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = safefs.open_nofollow(path, os.O_RDONLY)
         except FileNotFoundError:
             return Probe(State.ABSENT)
+        except safefs.UnsafePath as exc:
+            return Probe(State.UNKNOWN, error=exc.strerror, errno=exc.errno)
         except OSError as exc:
-            return Probe(State.UNKNOWN, error=f"{path}: {exc.strerror}")
+            return Probe(State.UNKNOWN, error=f"{path}: {exc.strerror}", errno=exc.errno)
         try:
             pid = _read_pid(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    return Probe(State.RUNNING, pid)
-                return Probe(State.UNKNOWN, pid, error=f"{path}: {exc.strerror}")
+                    return Probe(State.RUNNING, pid, holders=lock_holders(fd))
+                return Probe(State.UNKNOWN, pid, error=f"{path}: {exc.strerror}",
+                             errno=exc.errno)
             # Unlocked, but maybe only because the daemon just renamed its new pidfile
             # over the one we opened: the answer is only true of the file at ``path``.
             if _is_path_of(fd, path):
                 return Probe(State.STALE, pid)
         finally:
             os.close(fd)
+
+
+def lock_holders(fd: int) -> tuple[int, ...] | None:
+    """The pids holding an ``flock`` on the file open at ``fd``, from /proc/locks.
+
+    An flock line shows the pid that took the lock (``F_GETLK`` and
+    ``F_OFD_GETLK`` see only POSIX locks). None when /proc/locks cannot be read.
+    """
+    st = os.fstat(fd)
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    holders = []
+    for line in lines:
+        # "3: FLOCK  ADVISORY  WRITE 1234 fe:00:2146334 0 EOF"; a waiter has "->" after "3:"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+            with contextlib.suppress(ValueError):
+                holders.append(int(fields[4]))
+    return tuple(holders)
 
 
 def _is_path_of(fd: int, path: str) -> bool:
@@ -99,7 +141,7 @@ class PidFile:
         let go of the old one, which we would then lock in vain. So check, and retry.
         """
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = safefs.open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -117,8 +159,7 @@ class PidFile:
     def write(self, pid: int) -> None:
         """Publish ``pid`` atomically, keeping the path locked throughout."""
         assert self.fd is not None, "acquire() first"
-        tmp = f"{self.path}.{pid}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        tmp, fd = _new_temp_file(f"{self.path}.{pid}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, f"{pid}\n".encode())
@@ -138,7 +179,9 @@ class PidFile:
         """
         if self.fd is None or _is_path_of(self.fd, self.path):
             return False
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        directory = os.path.dirname(self.path)
+        safefs.make_dir(directory, 0o755)
+        safefs.check_private_dir(directory, {0, os.geteuid()})
         self.write(pid)
         return True
 
@@ -166,6 +209,19 @@ class PidFile:
     def fileno(self) -> int:
         assert self.fd is not None
         return self.fd
+
+
+def _new_temp_file(prefix: str) -> tuple[str, int]:
+    """A new ``PREFIX.tmp`` (or ``PREFIX.RANDOM.tmp``), created here and now: whatever was
+    at that name before (a leftover of a crash, or a planted link) is removed, not opened."""
+    tmp = f"{prefix}.tmp"
+    for _ in range(10):
+        try:
+            return tmp, safefs.create_new(tmp, os.O_RDWR, 0o644)
+        except FileExistsError:
+            _unlink(tmp)
+        tmp = f"{prefix}.{secrets.token_hex(4)}.tmp"
+    raise FileExistsError(errno.EEXIST, f"cannot create a temporary file next to {prefix}")
 
 
 def _unlink(path: str) -> None:

@@ -467,6 +467,7 @@ class Server:
             "backlog": self._backlog_size,
             "admin_child_pid": self.admin.pid if self.admin is not None else None,
             "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
+            "log_write_errors": _log_write_errors(),
         }
 
     def status_line(self) -> str:
@@ -486,3 +487,8 @@ class Server:
         signal.set_wakeup_fd(-1)
         self.selector.close()
 
+
+def _log_write_errors() -> int:
+    """Log lines this process could not write (full disk, unwritable file), since start."""
+    sink = log_mod.current_sink()
+    return sink.write_errors if sink is not None else 0

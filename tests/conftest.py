@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from helpers import ChatdProcess, UdpUser
+from helpers import ChatdProcess, LocalUser, UdpUser
 
 
 @pytest.fixture
@@ -43,3 +47,38 @@ def users(chatd) -> Iterator[Callable[[str], UdpUser]]:
     yield make
     for user in made:
         user.close()
+
+
+@pytest.fixture
+def local_users() -> Iterator[Callable[..., LocalUser]]:
+    """``local_users(groups=("g",))`` is a new real user; ``local_users.group()`` a new
+    group. All are removed at teardown. Skipped unless root, which useradd needs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create users with useradd")
+    if shutil.which("useradd") is None:
+        pytest.skip("useradd is not installed")
+    users: list[str] = []
+    groups: list[str] = []
+
+    def make(groups: tuple[str, ...] = ()) -> LocalUser:
+        name = f"chatdt{uuid.uuid4().hex[:8]}"
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+        users.append(name)
+        for group in groups:
+            subprocess.run(["usermod", "--append", "--groups", group, name], check=True,
+                           capture_output=True)
+        return LocalUser(name, tuple(groups))
+
+    def group() -> str:
+        name = f"chatdg{uuid.uuid4().hex[:8]}"
+        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+        groups.append(name)
+        return name
+
+    make.group = group  # type: ignore[attr-defined]
+    yield make
+    for name in users:
+        subprocess.run(["userdel", "--force", name], capture_output=True)
+    for name in groups:
+        subprocess.run(["groupdel", name], capture_output=True)

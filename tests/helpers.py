@@ -286,3 +286,74 @@ class UdpUser:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- real unprivileged users (the local_users fixture in conftest.py makes them) -------------
+
+
+class LocalUser:
+    """A real user made with useradd, and commands run as that user.
+
+    The interpreter running the tests may lie where other users cannot reach
+    (under /root): :meth:`python` is one they can run, with chatd and its
+    dependencies importable from this checkout and its environment.
+    """
+
+    def __init__(self, name: str, groups: tuple[str, ...] = ()):
+        import grp
+        import pwd
+
+        entry = pwd.getpwnam(name)
+        self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
+        self.groups = groups
+        self.extra_gids = [grp.getgrnam(g).gr_gid for g in groups]
+        self._python: list[str] | None = None
+
+    def run(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 60,
+            **kwargs: Any) -> subprocess.CompletedProcess:
+        """``argv`` as this user (its own group and ``groups`` only), output as text."""
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "CHATD_CONFIG",
+                             "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "PYTHONPATH")}
+        return subprocess.run(argv, user=self.uid, group=self.gid, extra_groups=self.extra_gids,
+                              env={**base, "HOME": "/nonexistent", **(env or {})}, cwd="/",
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, **kwargs)
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """A long-running process of this user (the caller ends and reaps it)."""
+        return subprocess.Popen(argv, user=self.uid, group=self.gid,
+                                extra_groups=self.extra_gids, cwd="/", stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+
+    def python(self) -> list[str]:
+        if self._python is None:
+            self._python = _python_for(self)
+        return self._python
+
+    def chatd(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        return self.run([*self.python(), "-m", "chatd", *args], **kwargs)
+
+    def chatctl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        return self.run([*self.python(), "-m", "chatd.cli.chatctl", *args], **kwargs)
+
+
+def _python_for(user: LocalUser) -> list[str]:
+    import shutil
+    import sysconfig
+
+    import pytest
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join([repo, sysconfig.get_paths()["purelib"]])
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, shutil.which(version), f"/usr/bin/{version}"):
+        if not candidate:
+            continue
+        argv = ["env", f"PYTHONPATH={path}", candidate]
+        probe = user.run([*argv, "-c", "import chatd.cli.chatctl, structlog, yaml, daemon"])
+        if probe.returncode == 0:
+            return argv
+    pytest.skip(f"no {version} that user {user.name} may run with chatd importable "
+                f"({sys.executable} is out of its reach)")
+    raise AssertionError("not reached")

@@ -4,8 +4,10 @@ file, a wiped runtime directory, a wall clock that jumps, and a loop that stood 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 from helpers import UdpUser, wait_for
 
 from chatd import control
+from chatd.log import Sink
 
 FAKETIME_LIBS = [Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
                  Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1")]
@@ -95,9 +98,66 @@ def test_log_on_a_full_disk(make_chatd):
     try:
         exchange(alice, bob, 20, "full")
         assert chatctl(server, "who").returncode == 0
+        # the lines it could not write are counted, and shown
+        assert status(server)["log_write_errors"] >= 40
+        shown = chatctl(server, "status").stdout
+        assert re.search(r"^log errors: +\d+ lines not written$", shown, re.MULTILINE), shown
     finally:
         alice.close()
         bob.close()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 64 KiB tmpfs, to be filled up: a real full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs",
+                              str(mountpoint)], capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "--lazy", str(mountpoint)], capture_output=True, timeout=30)
+
+
+def test_a_full_disk_leaves_whole_lines_only(small_filesystem):
+    """A line that no longer fits is written not at all, rather than in part."""
+    path = small_filesystem / "chatd.log"
+    sink = Sink(str(path))
+    try:
+        sink.write("info", json.dumps({"event": "first"}))
+        filler = os.open(small_filesystem / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"\0" * 4096):  # every free block but the log's own
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
+        for i in range(6):  # the first fits in the log's last block; the next do not
+            sink.write("info", json.dumps({"event": f"line{i}", "pad": "x" * 3000}))
+        assert sink.write_errors >= 1
+        data = path.read_bytes()
+        assert data.endswith(b"\n")
+        events = [json.loads(line)["event"] for line in data.splitlines()]
+        assert events[:2] == ["first", "line0"]
+        os.unlink(small_filesystem / "filler")  # room again: logging goes on
+        sink.write("info", json.dumps({"event": "after"}))
+        assert json.loads(path.read_bytes().splitlines()[-1])["event"] == "after"
+    finally:
+        sink.close()
+
+
+def test_the_log_file_is_not_world_readable(make_chatd):
+    server = make_chatd({"log": {"level": "info"}})
+    assert stat.S_IMODE(server.log_path.stat().st_mode) == 0o640
+    server.log_path.unlink()
+    counter = iter(range(1000))
+    wait_for(lambda: _logged_after_joining(server, f"recreated{next(counter)}"),
+             timeout=15, what="logging to a new file")
+    assert stat.S_IMODE(server.log_path.stat().st_mode) == 0o640
 
 
 def _logged_after_joining(server, tag: str) -> bool:
@@ -171,6 +231,9 @@ def test_a_reply_goes_out_after_its_log_line(make_chatd):
 def test_logrotate(make_chatd, tmp_path, mode):
     server = make_chatd({"log": {"level": "info"}})
     assert _logged_after_joining(server, "before_rotation")
+    # "user_left" is logged just after EXIT is sent: let it land before the rotation
+    wait_for(lambda: any(e.get("event") == "user_left" and e.get("name") == "before_rotation"
+                         for e in server.log_events()), what="user_left before the rotation")
     conf = tmp_path / "logrotate.conf"
     conf.write_text(f"{server.log_path} {{\n  rotate 2\n  {mode}\n  missingok\n}}\n")
     subprocess.run(["logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)], check=True,

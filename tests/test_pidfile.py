@@ -194,3 +194,61 @@ def test_forget_lets_go_of_the_lock_but_keeps_the_file(path: str) -> None:
     assert probe(path) == pidfile_mod.Probe(State.STALE, 333)
     mine.release()  # nothing left to release
     assert Path(path).exists()
+
+
+# -- links planted in runtime_dir, and who really holds the lock (issue 13) ---------------------
+
+
+def test_write_replaces_a_planted_temp_link_and_leaves_its_target_alone(path: str,
+                                                                        tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("root's own file\n")
+    os.symlink(precious, f"{path}.4321.tmp")  # the name write(4321) uses
+    mine = PidFile(path)
+    mine.acquire()
+    try:
+        mine.write(4321)
+        assert Path(path).read_text() == "4321\n"
+        assert not Path(path).is_symlink()
+        assert precious.read_text() == "root's own file\n"
+        assert sorted(os.listdir(tmp_path)) == ["chatd.pid", "precious"]
+    finally:
+        mine.release()
+
+
+def test_a_pidfile_that_is_a_link_is_neither_followed_nor_locked(path: str,
+                                                                 tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("root's own file\n")
+    os.symlink(precious, path)
+    with pytest.raises(OSError, match="symbolic link"):
+        PidFile(path).acquire()
+    found = probe(path)
+    assert found.state is State.UNKNOWN and "symbolic link" in (found.error or "")
+    assert precious.read_text() == "root's own file\n"
+
+
+def test_probe_names_the_process_that_holds_the_lock(path: str) -> None:
+    """From /proc/locks: the locker's pid, whatever pid the file names."""
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            os.close(ready_r)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, b"1\n")  # a pid that is not the holder's
+            os.write(ready_w, b"x")
+            signal.pause()
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        found = probe(path)
+        assert (found.state, found.pid, found.holders) == (State.RUNNING, 1, (child,))
+    finally:
+        os.close(ready_r)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert probe(path).state is State.STALE

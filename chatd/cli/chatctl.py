@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pwd
 import sys
 from typing import Any
 
@@ -12,7 +13,7 @@ from chatd import config as config_mod
 from chatd import log as log_mod
 from chatd.control import ControlError, request
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
+EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 1, 2, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,11 +22,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Administer a running chatd: broadcast, list and kick users, "
                     "show status, reload the configuration.",
         epilog="Exit status: 0 done, 1 the daemon refused, 2 usage error, "
-               "3 daemon not running. See chatctl(8).")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("-c", "--config", metavar="FILE",
-                       help="chatd's configuration, to find its control socket")
-    where.add_argument("--socket", metavar="PATH", help="the control socket itself")
+               "3 daemon not running, 4 permission denied or not chatd's socket. "
+               "See chatctl(8).")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="chatd's configuration: its control socket, and daemon.user, "
+                             "whose socket chatctl trusts")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the control socket itself (overrides the configuration's)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
                         help="seconds to wait for an answer (default 10)")
     parser.add_argument("--version", action="version", version=f"chatctl {__version__}")
@@ -56,29 +59,43 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.socket:
-        path = args.socket
-    else:
-        try:
-            path = config_mod.locate(config_mod.config_path(args.config))[0].control.socket
-        except config_mod.ConfigError as exc:
+    try:
+        settings = config_mod.locate(config_mod.config_path(args.config))[0]
+    except config_mod.ConfigError as exc:
+        if not args.socket:
             log_mod.print_stderr(f"chatctl: config error: {exc}")
             return EXIT_USAGE
+        settings = None  # the socket is given: the file only says whom to trust
+    path = args.socket or settings.control.socket
     cmd, cmd_args = _request(args)
     try:
-        answer = request(path, cmd, cmd_args, timeout=args.timeout)
+        answer = request(path, cmd, cmd_args, timeout=args.timeout,
+                         daemon_uid=_daemon_uid(settings))
     except ControlError as exc:
+        if exc.denied:
+            log_mod.print_stderr(f"chatctl: {exc}")
+            return EXIT_DENIED
         log_mod.print_stderr(f"chatctl: chatd is not running? {exc}")
         return EXIT_NOT_RUNNING
     if not answer.get("ok"):
-        log_mod.print_stderr(f"chatctl: {answer.get('error', 'refused')}")
-        return EXIT_REFUSED
+        error = str(answer.get("error", "refused"))
+        log_mod.print_stderr(f"chatctl: {error}")
+        # the admin child's peer check: like EACCES on the socket, only later
+        return EXIT_DENIED if error.startswith("permission denied") else EXIT_REFUSED
     result = answer.get("result")
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print(HUMAN[cmd](result))
     return 0
+
+
+def _daemon_uid(settings: config_mod.Settings | None) -> int | None:
+    user = settings.daemon.user if settings is not None else None
+    try:
+        return pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        return None
 
 
 def _who(users: list[dict[str, Any]]) -> str:
@@ -104,6 +121,7 @@ def _status(status: dict[str, Any]) -> str:
         values = status.get(key) or {}
         shown = ", ".join(f"{k} {v}" for k, v in sorted(values.items())) or "none"
         lines.append(f"{title + ':':<13} {shown}")
+    lines.append(f"log errors:   {status.get('log_write_errors', 0)} lines not written")
     return "\n".join(lines)
 
 
