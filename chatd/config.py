@@ -246,7 +246,7 @@ def _shorten(text: str, limit: int) -> str:
 
 
 class _Refused(Exception):
-    """The file is valid YAML but beyond what chatd reads (size, depth, duplicates)."""
+    """Valid YAML that chatd will not read: too deep, too many nodes, a key given twice."""
 
     def __init__(self, mark: Any, path: str, message: str):
         super().__init__(message)
@@ -311,7 +311,7 @@ class _Bounds:
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)  # type: ignore[misc]
-        except ValueError as exc:  # int() of 5000 digits, say
+        except ValueError as exc:  # int() of 5000 digits, February 30th
             raise ConstructorError(None, None, str(exc), node.start_mark) from None
 
 
@@ -335,13 +335,12 @@ else:
             Resolver.__init__(self)
 
 
-def _read_yaml(text: str, source: str, *, strict: bool = True,
-               loader_class: type | None = None) -> tuple[Any, dict[str, int]]:
+def _read_yaml(text: str, source: str, *, strict: bool = True) -> tuple[Any, dict[str, int]]:
     """The data in ``text`` and the line of each key path; raises :class:`ConfigError`.
 
     Parsed once, within bounds; ``strict`` refuses duplicate keys.
     """
-    loader = (loader_class or _Loader)(text)
+    loader = _Loader(text)
     try:
         loader._start_bounds()
         node = loader.get_single_node()
@@ -552,7 +551,7 @@ def _file_kind(mode: int) -> str:
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return kind
-    return "not a file"
+    return "a special file"
 
 
 def locate(path: str | None) -> tuple[Settings, ConfigError | None]:

@@ -301,10 +301,14 @@ def test_values_quoted_in_errors_are_shortened(tmp_path):
     assert len(message) < len(str(path)) + 450 and message.endswith("…")
 
 
-def test_an_integer_too_long_to_convert_names_its_line(tmp_path, parser):
-    path = tmp_path / "int.yaml"
-    path.write_text("listen:\n  port: " + "1" * 5000 + "\n")
-    with pytest.raises(config.ConfigError, match=r"line 2: not valid YAML: Exceeds the limit"):
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("1" * 5000, "Exceeds the limit"), ("2024-02-30", "day is out of range for month")],
+)
+def test_a_value_python_cannot_convert_names_its_line(tmp_path, parser, value, problem):
+    path = tmp_path / "value.yaml"
+    path.write_text(f"listen:\n  port: {value}\n")
+    with pytest.raises(config.ConfigError, match=rf"line 2: not valid YAML: {problem}"):
         config.load(str(path))
 
 
