@@ -1,5 +1,6 @@
 """The room end to end: ``chatd run`` in a subprocess, real UDP on 127.0.0.1."""
 
+import os
 import signal
 
 import pytest
@@ -222,6 +223,8 @@ HOSTILE_FILES = {
     "100000 levels deep": ("plugins: " + "[" * 100_000 + "]" * 100_000 + "\n", "nest"),
     "billion laughs": (_laughs(), "more than 10000 keys, values and list items"),
     "duplicate key": ("listen: {port: 1, port: 2}\n", "listen.port: duplicate key"),
+    "2 MiB": ("#" * (2 << 20) + "\n", f"too large ({(2 << 20) + 1} bytes)"),
+    "a FIFO": (None, "not a regular file (a FIFO)"),
 }
 
 
@@ -230,7 +233,11 @@ HOSTILE_FILES = {
 def test_sighup_with_a_hostile_file_keeps_the_room_serving(users, chatd, name):
     text, error = HOSTILE_FILES[name]
     alice = users("alice")
-    chatd.config.write_text(text)
+    if text is None:
+        chatd.config.unlink()
+        os.mkfifo(chatd.config)  # nobody will ever write to it
+    else:
+        chatd.config.write_text(text)
     chatd.reload()  # RELOADING=1, then READY=1
     failed = wait_for(lambda: [e for e in chatd.log_events() if e["event"] == "reload_failed"],
                       what="reload_failed")
