@@ -8,19 +8,30 @@ its line, because the person reading it is fixing a file in an editor.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.events import AliasEvent
+from yaml.resolver import Resolver
 
 from chatd.names import name_key
 from chatd.templates import ADMIN_NAMES, LOCALES, template_problem
 
 ENV_CONFIG = "CHATD_CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: Largest configuration file read: a file is read whole, in the room's loop on reload.
+MAX_FILE_BYTES = 1 << 20
+#: Most nodes (keys, values, list items) in a file, each use of an alias counting
+#: everything it stands for: a "billion laughs" file stops here, not in the memory.
+MAX_NODES = 10_000
+#: Deepest nesting of mappings and lists (the top-level mapping is level 1).
+MAX_DEPTH = 32
 
 
 class ConfigError(Exception):
@@ -90,10 +101,19 @@ class Settings:
     runtime_dir: str
     plugins: Mapping[str, Any]
     source: str | None = None  # the file these came from, if any
+    #: the line of each key path in ``source``, for errors found after parsing
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def pidfile(self) -> str:
         return os.path.join(self.runtime_dir, "chatd.pid")
+
+    def where(self, key: str | None) -> str:
+        """``FILE, line N`` for ``key``, as config errors begin."""
+        if self.source is None:
+            return "built-in defaults"
+        line = self.lines.get(key) if key else None
+        return f"{self.source}, line {line}" if line else self.source
 
 
 def default_runtime_dir() -> str:
@@ -228,30 +248,165 @@ class _Located:
     def error(self, path: str, message: str) -> ConfigError:
         line = self.lines.get(path)
         where = f"{self.source}, line {line}" if line else self.source
-        return ConfigError(f"{where}: {path}: {message}")
+        # a value quoted in the message may be a megabyte long: it is not for the log
+        return ConfigError(f"{where}: {_shorten(path, 100)}: {_shorten(message, 300)}")
 
 
-def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = f"{prefix}{key_node.value}"
-            lines[path] = key_node.start_mark.line + 1
-            _key_lines(value_node, path + ".", lines)
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def parse(text: str, source: str = "<config>") -> Settings:
-    """Settings from YAML text; raises :class:`ConfigError`."""
+# -- reading YAML with bounds -------------------------------------------------------
+
+
+class _Refused(Exception):
+    """Valid YAML that chatd will not read: too deep, too many nodes, a key given twice."""
+
+    def __init__(self, mark: Any, path: str, message: str):
+        super().__init__(message)
+        self.line = mark.line + 1 if mark is not None else None
+        self.path = path
+
+
+class _Bounds:
+    """Composition that counts: nesting depth, and nodes with each alias expanded.
+
+    PyYAML composes recursively (600 levels of ``[`` exhaust Python's stack) and
+    keeps one node per anchor however often it is used; whoever walks the data
+    afterwards sees every use in full, 10**9 of them for a 1 KB "billion laughs"
+    file. So composition stops at :data:`MAX_DEPTH` levels and :data:`MAX_NODES`
+    nodes counted as if every alias were written out. The size of an anchored
+    node is known when its alias is met, unless the alias is inside it.
+    """
+
+    def _start_bounds(self) -> None:
+        self._depth = 0
+        self._nodes = 0
+        self._path: list[str | None] = []
+        self._sizes: dict[yaml.Node, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()  # type: ignore[attr-defined]
+        key = index.value if isinstance(index, yaml.ScalarNode) else None
+        self._path.append(key if parent is not None else None)
+        try:
+            if isinstance(event, AliasEvent):
+                target = self.anchors.get(event.anchor)  # type: ignore[attr-defined]
+                if target is not None:
+                    size = self._sizes.get(target)
+                    if size is None:
+                        self._refuse(event, f"the alias *{event.anchor} is inside its own anchor")
+                    self._count(size, event)
+                return super().compose_node(parent, index)  # type: ignore[misc]
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                self._refuse(event, f"nested more than {MAX_DEPTH} levels deep")
+            before = self._nodes
+            self._count(1, event)
+            node = super().compose_node(parent, index)  # type: ignore[misc]
+            self._depth -= 1
+            if event.anchor is not None:
+                self._sizes[node] = self._nodes - before
+            return node
+        finally:
+            self._path.pop()
+
+    def _count(self, nodes: int, event: Any) -> None:
+        self._nodes += nodes
+        if self._nodes > MAX_NODES:
+            self._refuse(event, f"more than {MAX_NODES} keys, values and list items, each "
+                                "alias counted as all it stands for (a \"billion laughs\"?)")
+
+    def _refuse(self, event: Any, message: str) -> None:
+        keys = self._path[1:]
+        path = ".".join(keys[:keys.index(None)] if None in keys else keys)
+        raise _Refused(event.start_mark, path, message)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)  # type: ignore[misc]
+        except ValueError as exc:  # int() of 5000 digits, February 30th
+            raise ConstructorError(None, None, str(exc), node.start_mark) from None
+
+
+class _PureLoader(_Bounds, yaml.SafeLoader):
+    """Python's own parser: slower, used where PyYAML was built without libyaml."""
+
+
+try:
+    from yaml.cyaml import CParser
+except ImportError:  # pragma: no cover - PyYAML without libyaml
+    _Loader: type = _PureLoader
+else:
+    class _Loader(_Bounds, Composer, CParser, SafeConstructor, Resolver):  # type: ignore[no-redef]
+        """libyaml scans and parses (1 MiB of text in milliseconds); Python composes,
+        within bounds, and constructs as :class:`yaml.SafeLoader` does."""
+
+        def __init__(self, stream: str):
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+
+def _read_yaml(text: str, source: str, *, strict: bool = True) -> tuple[Any, dict[str, int]]:
+    """The data in ``text`` and the line of each key path; raises :class:`ConfigError`.
+
+    Parsed once, within bounds; ``strict`` refuses duplicate keys.
+    """
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader._start_bounds()
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        if node is not None:
+            _walk(node, lines, strict)
+        data = None if node is None else loader.construct_document(node)
+    except _Refused as exc:
+        where = f"{source}, line {exc.line}" if exc.line else source
+        path = f"{_shorten(exc.path, 100)}: " if exc.path else ""
+        raise ConfigError(f"{where}: {path}{exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}, line {mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    lines: dict[str, int] = {}
-    if node is not None:
-        _key_lines(node, "", lines)
+        raise ConfigError(f"{where}: not valid YAML: {_shorten(problem, 300)}") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _walk(root: yaml.Node, lines: dict[str, int], strict: bool) -> None:
+    """Record the line of each key path; with ``strict``, refuse a key given twice.
+
+    Iterative, and over at most :data:`MAX_NODES` nodes: composition checked that.
+    """
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, prefix = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{prefix[:-1]}[{i}].") for i, item in enumerate(node.value))
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen: dict[tuple[str, Any], int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list as a key: construction refuses it, naming the line
+            path = f"{prefix}{key_node.value}"
+            same = (key_node.tag, key_node.value)  # "port" and port are the same key
+            if same in seen and strict:
+                raise _Refused(key_node.start_mark, path,
+                               f"duplicate key (first at line {seen[same]})")
+            seen.setdefault(same, line)
+            lines.setdefault(path, line)
+            stack.append((value_node, path + "."))
+
+
+def parse(text: str, source: str = "<config>") -> Settings:
+    """Settings from YAML text; raises :class:`ConfigError`."""
+    data, lines = _read_yaml(text, source)
     return from_mapping({} if data is None else data, _Located(source, lines), source)
 
 
@@ -353,6 +508,7 @@ def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Se
         runtime_dir=runtime_dir,
         plugins=MappingProxyType(dict(get("plugins"))),
         source=source,
+        lines=MappingProxyType(dict(where.lines)),
     )
 
 
@@ -366,15 +522,54 @@ def load(path: str | None) -> Settings:
     if path is None:
         return from_mapping({})
     path = os.path.abspath(path)
+    return parse(_read_file(path), source=path)
+
+
+def _read_file(path: str) -> str:
+    """The text of the file at ``path``: a regular file of at most :data:`MAX_FILE_BYTES`.
+
+    Opened without blocking, so that a FIFO given by mistake is refused instead
+    of waiting for a writer forever.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (give another with -c FILE)") from None
-    except (PermissionError, IsADirectoryError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{path}: cannot read: Is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); "
+                              "give a configuration file")
+        data = b""
+        while len(data) <= MAX_FILE_BYTES:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        size = max(info.st_size, len(data))
+        raise ConfigError(f"{path}: too large ({size} bytes); a configuration file may have "
+                          f"at most {MAX_FILE_BYTES} bytes (1 MiB)")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse(text, source=path)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
@@ -385,7 +580,8 @@ def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
     must still reach the daemon after someone broke its file: reload, to hear
     what is wrong with it; stop, to stop it anyway. Only ``runtime_dir``,
     ``control.socket``/``control.fifo`` and ``daemon.user`` are taken from an
-    invalid file.
+    invalid file. The bounds on reading hold here too: a file chatd refuses to
+    parse is not parsed.
     """
     try:
         return load(path), None
@@ -394,8 +590,8 @@ def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
             raise
         error = exc
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw, _ = _read_yaml(_read_file(os.path.abspath(path)), path, strict=False)
+    except ConfigError:
         raise error from None
     raw = raw if isinstance(raw, dict) else {}
     control = raw.get("control") if isinstance(raw.get("control"), dict) else {}
@@ -416,6 +612,47 @@ def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     """Key paths whose change needs a restart, to be logged and ignored on reload."""
     flat_old, flat_new = as_flat_dict(old), as_flat_dict(new)
     return [k for k in flat_new if k.startswith(RESTART_ONLY) and flat_old[k] != flat_new[k]]
+
+
+def reload_changes(old: Settings, new: Settings) -> dict[str, Any]:
+    """What reloading ``new`` over ``old`` does, for the person who asked:
+    ``applied``, the key paths that change now (``room.templates.chat``, ``plugins.motd``
+    for a mapping), and ``restart_needed``, each key a restart would change, with the
+    value ``kept`` and the one the file ``wanted``."""
+    flat_old, flat_new = as_flat_dict(old), as_flat_dict(new)
+    restart = restart_only_changes(old, new)
+    applied: list[str] = []
+    for key, value in flat_new.items():
+        before = flat_old[key]
+        if key in restart or value == before:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            applied += [f"{key}.{k}" for k in sorted(value.keys() | before.keys(), key=str)
+                        if value.get(k) != before.get(k)]
+        else:
+            applied.append(key)
+    return {"applied": applied,
+            "restart_needed": [{"key": k, "kept": flat_old[k], "wanted": flat_new[k]}
+                               for k in restart]}
+
+
+def format_value(key: str, value: Any) -> str:
+    """A setting as the file would spell it: modes in octal."""
+    if key in ("daemon.umask", "control.mode") and isinstance(value, int):
+        return f"0{value:03o}"
+    return "null" if value is None else str(value)
+
+
+def describe_reload(changes: Mapping[str, Any]) -> str:
+    """``applied room.max_users; needs a restart, kept: listen.port = 8888 (file says 9999)``"""
+    applied = changes.get("applied") or []
+    kept = changes.get("restart_needed") or []
+    parts = [f"applied {', '.join(applied)}"] if applied else []
+    if kept:
+        parts.append("needs a restart, kept: " + ", ".join(
+            f"{k['key']} = {format_value(k['key'], k['kept'])} "
+            f"(file says {format_value(k['key'], k['wanted'])})" for k in kept))
+    return "; ".join(parts) or "nothing changed"
 
 
 def as_flat_dict(settings: Settings) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from chatd import control, safefs, systemd
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
 from chatd.admin import AdminStartError, AdminSupervisor
-from chatd.config import Settings
+from chatd.config import Settings, describe_reload
 from chatd.pidfile import PidFile, State
 from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
 
@@ -40,7 +40,15 @@ EXIT_DENIED = 4  # stop/reload: permission denied (status: LSB "unknown")
 
 
 class StartError(Exception):
-    """Start-up failed; the message is for the person who typed the command."""
+    """Start-up failed; the message is for the person who typed the command.
+
+    ``key`` is the setting at fault, if one is (``daemon.user``), so that
+    ``check-config`` can name its line.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Prepared:
     sock: socket.socket
     sink: log_mod.Sink
     identity: tuple[int, int] | None  # (uid, gid) to become, when configured
+    log_file_default: str | None = None  # the log file when the config sets none
 
 
 def default_log_file() -> str:
@@ -68,15 +77,17 @@ def resolve_identity(settings: Settings) -> tuple[int, int] | None:
     try:
         entry = pwd.getpwnam(user) if user is not None else pwd.getpwuid(os.getuid())
     except KeyError:
-        raise StartError(f"daemon.user: no such user {user!r}") from None
+        raise StartError(f"daemon.user: no such user {user!r}", "daemon.user") from None
     gid = entry.pw_gid
     if group is not None:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            raise StartError(f"daemon.group: no such group {group!r}") from None
+            raise StartError(f"daemon.group: no such group {group!r}",
+                             "daemon.group") from None
     if os.geteuid() != 0 and (entry.pw_uid, gid) != (os.getuid(), os.getgid()):
-        raise StartError("daemon.user and daemon.group need chatd to be started as root")
+        raise StartError("daemon.user and daemon.group need chatd to be started as root",
+                         "daemon.user" if user is not None else "daemon.group")
     return entry.pw_uid, gid
 
 
@@ -136,14 +147,67 @@ def _make_runtime_dir(settings: Settings, identity: tuple[int, int] | None,
         raise StartError(f"runtime_dir {path} is not writable (set runtime_dir in the config)")
 
 
+#: Longest path a Unix socket can be bound to (sun_path holds 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+
+
+def preflight(settings: Settings) -> tuple[int, int] | None:
+    """Every check of start-up that needs neither the port nor a change on disk.
+
+    ``start`` and ``run`` begin with it, and ``check-config`` runs it too, so that
+    ``ExecStartPre=`` refuses what start would refuse. Returns the (uid, gid) to
+    become, as :func:`resolve_identity`; raises :class:`StartError`.
+    """
+    identity = resolve_identity(settings)
+    try:
+        control.group_members(settings.control.group)
+    except OSError as exc:
+        raise StartError(str(exc.strerror), "control.group") from None
+    path = settings.runtime_dir
+    if os.path.isdir(path):
+        # as root with daemon.user, start hands it over to that user instead
+        if identity is None and not os.access(path, os.W_OK):
+            raise StartError(f"runtime_dir {path} is not writable "
+                             "(set runtime_dir in the config)", "runtime_dir")
+    else:
+        problem = _creation_problem(path, directory=True)
+        if problem is not None:
+            raise StartError(f"cannot create runtime_dir {path}: {problem}", "runtime_dir")
+    if settings.log.file is not None:
+        problem = _creation_problem(settings.log.file, directory=False)
+        if problem is not None:
+            raise StartError(f"cannot open log.file {settings.log.file}: {problem}", "log.file")
+    sock_path = settings.control.socket
+    if len(os.fsencode(sock_path)) > MAX_SOCKET_PATH:
+        raise StartError(f"control.socket: {sock_path} is too long for a Unix socket "
+                         f"(at most {MAX_SOCKET_PATH} bytes)", "control.socket")
+    return identity
+
+
+def _creation_problem(path: str, *, directory: bool) -> str | None:
+    """Why creating ``path`` (or, when it exists, writing to it) would fail, as the
+    system would say it, without creating anything; None when it would work."""
+    if os.path.exists(path):
+        if os.path.isdir(path) != directory:
+            return os.strerror(errno.EEXIST if directory else errno.EISDIR)
+        return None if os.access(path, os.W_OK) else os.strerror(errno.EACCES)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return os.strerror(errno.ENOTDIR)
+    return None if os.access(parent, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
+
+
 def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> Prepared:
     """Do every fallible step of start-up while errors can still reach the person."""
     if config_path is not None:
         # the daemon's cwd is "/": a relative -c FILE would make every reload fail
         config_path = os.path.abspath(config_path)
-    if daemonize and settings.log.file is None:
-        settings = replace(settings, log=replace(settings.log, file=default_log_file()))
-    identity = resolve_identity(settings)
+    log_file_default = default_log_file() if daemonize else None
+    if log_file_default is not None and settings.log.file is None:
+        settings = replace(settings, log=replace(settings.log, file=log_file_default))
+    identity = preflight(settings)
     _make_runtime_dir(settings, identity, resolve_control_group(settings))
     pidfile = PidFile(settings.pidfile)
     try:
@@ -177,7 +241,7 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
     except BaseException:
         pidfile.release()
         raise
-    return Prepared(settings, config_path, pidfile, sock, sink, identity)
+    return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default)
 
 
 def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int:
@@ -195,6 +259,7 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int
         os.register_at_fork(after_in_child=prepared.pidfile.forget)
         server = Server(prepared.settings, prepared.sock, notifier=notifier,
                         config_path=prepared.config_path)
+        server.log_file_default = prepared.log_file_default
         server.install_signals()
         server.admin = AdminSupervisor(server, read_terminal=on_ready is None and _stdin_is_tty())
         try:
@@ -633,7 +698,9 @@ def reload(settings: Settings) -> int:
     answer, _ = _control_request(settings, "reload")
     if answer is not None:
         if answer.get("ok"):
-            print(f"chatd reloaded (pid {pid})")
+            changes = answer.get("result")
+            done = describe_reload(changes) if isinstance(changes, dict) else "done"
+            print(f"chatd reloaded (pid {pid}): {done}")
             return 0
         error = str(answer.get("error"))
         if error.startswith("permission denied"):

@@ -154,6 +154,8 @@ class Server:
         self.on_tick: list[Callable[[float], None]] = []
         #: called once the room is serving (the readiness pipe of ``chatd start``)
         self.on_ready: list[Callable[[], None]] = []
+        #: the log file used when the file sets none (``chatd start`` has one), kept on reload
+        self.log_file_default: str | None = None
 
     # -- set-up ---------------------------------------------------------------
 
@@ -415,38 +417,62 @@ class Server:
         if signal.SIGHUP in received and self._stop_reason is None:
             self.reload()
 
-    def reload(self) -> tuple[bool, str]:
-        """Re-read the config file; on any error keep running as before and say why."""
+    def reload(self) -> tuple[bool, str | dict[str, Any]]:
+        """Re-read the config file; on any error keep running as before and say why.
+
+        Returns (True, what changed: see :func:`chatd.config.reload_changes`) or
+        (False, the error).
+        """
         self.notifier.reloading()
         try:
-            ok, message = self._reload()
+            ok, outcome = self._reload()
         finally:
             self.notifier.ready(self.status_line())
-        return ok, message
+        return ok, outcome
 
-    def _reload(self) -> tuple[bool, str]:
+    def _reload(self) -> tuple[bool, str | dict[str, Any]]:
+        old = self.settings
         try:
             new = config_mod.load(self.config_path)
+            if new.log.file is None and self.log_file_default is not None:
+                new = dataclasses.replace(
+                    new, log=dataclasses.replace(new.log, file=self.log_file_default))
+            changes = config_mod.reload_changes(old, new)
+            merged = dataclasses.replace(new, listen=old.listen, daemon=old.daemon,
+                                         control=old.control, runtime_dir=old.runtime_dir)
+            try:
+                log_mod.configure(merged.log)
+            except OSError as exc:
+                raise config_mod.ConfigError(f"log.file: {exc}") from None
+            self.settings = merged
+            self.room.reconfigure(merged.room)
+            self.plugins.reconfigure(merged.plugins)
+            self.deliver(self.room.take_output())
         except config_mod.ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return False, str(exc)
-        for key in config_mod.restart_only_changes(self.settings, new):
-            log.warning("reload_needs_restart", key=key,
-                        kept=config_mod.as_flat_dict(self.settings)[key])
-        old = self.settings
-        merged = dataclasses.replace(new, listen=old.listen, daemon=old.daemon,
-                                     control=old.control, runtime_dir=old.runtime_dir)
-        try:
-            log_mod.configure(merged.log)
-        except OSError as exc:
-            log.error("reload_failed", error=f"log.file: {exc}")
-            return False, f"log.file: {exc}"
-        self.settings = merged
-        self.room.reconfigure(merged.room)
-        self.plugins.reconfigure(merged.plugins)
-        self.deliver(self.room.take_output())
-        log.info("reloaded", config=self.config_path)
-        return True, "reloaded"
+        except Exception as exc:  # whatever it was, the room goes on as it was
+            log.exception("reload_failed", error=repr(exc))
+            self._restore(old)
+            return False, f"reload failed ({type(exc).__name__}: {exc}); nothing was changed"
+        for kept in changes["restart_needed"]:
+            log.warning("reload_needs_restart", key=kept["key"], kept=kept["kept"],
+                        wanted=kept["wanted"])
+        log.info("reloaded", config=self.config_path, applied=changes["applied"],
+                 restart_needed=[kept["key"] for kept in changes["restart_needed"]])
+        return True, changes
+
+    def _restore(self, old: Settings) -> None:
+        """Undo a reload that failed half-way, as far as it got (the log is reconfigured
+        just before the settings change: until then nothing has)."""
+        if self.settings is old:
+            return
+        self.settings = old
+        self.room.reconfigure(old.room)
+        for undo in (lambda: log_mod.configure(old.log),
+                     lambda: self.plugins.reconfigure(old.plugins)):
+            with contextlib.suppress(Exception):
+                undo()
 
     # -- status and stop ------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Configuration: defaults, the documented example, and errors that name key and line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,226 @@ def test_check_config_prints_a_config_that_loads_back(tmp_path):
     again = check_config(printed)
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[1:] == result.stdout.splitlines()[1:]
+
+
+# -- hostile and mistaken files (issue 13) -------------------------------------------------------
+
+
+def billion_laughs() -> str:
+    """The 1 KB file of the issue: nine levels of ten aliases each, under an unknown key."""
+    lines = ["lol:", "  m0: &m0 {k0: x, k1: x, k2: x, k3: x, k4: x, k5: x, k6: x, k7: x, k8: x, "
+             "k9: x}"]
+    for level in range(1, 10):
+        keys = ", ".join(f"k{i}: *m{level - 1}" for i in range(10))
+        lines.append(f"  m{level}: &m{level} {{{keys}}}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(params=["libyaml", "python"])
+def parser(request, monkeypatch):
+    """Both ways chatd may parse: libyaml's scanner where PyYAML has it, else PyYAML's own."""
+    if request.param == "python":
+        monkeypatch.setattr(config, "_Loader", config._PureLoader)
+    elif config._Loader is config._PureLoader:
+        pytest.skip("PyYAML built without libyaml")
+    return request.param
+
+
+@pytest.mark.timeout(10)
+def test_billion_laughs_is_refused_at_once(tmp_path, parser):
+    path = tmp_path / "lol.yaml"
+    path.write_text(billion_laughs())
+    assert len(path.read_bytes()) < 1100
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path))
+    message = str(caught.value)
+    assert f"{path}, line " in message and ": lol.m" in message
+    assert "more than 10000 keys, values and list items" in message
+
+
+@pytest.mark.timeout(10)
+def test_check_config_refuses_billion_laughs(tmp_path):
+    path = tmp_path / "lol.yaml"
+    path.write_text(billion_laughs())
+    result = check_config(path)
+    assert result.returncode == 2
+    assert "billion laughs" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path, parser):
+    path = tmp_path / "loop.yaml"
+    path.write_text("plugins: &a\n  x: *a\n")
+    with pytest.raises(config.ConfigError, match=r"line 2: plugins.x: the alias \*a is inside"):
+        config.load(str(path))
+
+
+def test_aliases_and_merge_keys_within_bounds_work(tmp_path, parser):
+    path = tmp_path / "c.yaml"
+    path.write_text("room:\n  <<: {max_name_length: 9}\n  max_users: &n 50\n"
+                    "  announce_limit: *n\n")
+    room = config.load(str(path)).room
+    assert (room.max_users, room.announce_limit, room.max_name_length) == (50, 50, 9)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("depth", [600, 100_000])
+def test_deep_nesting_is_a_clear_error(tmp_path, parser, depth):
+    path = tmp_path / "deep.yaml"
+    path.write_text("plugins: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path))
+    message = str(caught.value)
+    assert f"{path}, line 1: " in message
+    # PyYAML's own parser reaches chatd's bound; libyaml stops at 1000 levels on its own
+    assert ("plugins: nested more than 32 levels deep" in message
+            or "exceeded maximum nesting depth" in message)
+
+
+def test_nesting_bound_in_block_style_names_the_key(tmp_path, parser):
+    path = tmp_path / "deep.yaml"
+    path.write_text("plugins:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(40)))
+    with pytest.raises(config.ConfigError,
+                       match=r"line 32: plugins\.k0\.k1\.[k0-9.…]+: nested more than 32 levels"):
+        config.load(str(path))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("depth", [600, 100_000])
+def test_check_config_refuses_deep_nesting_without_a_traceback(tmp_path, depth):
+    path = tmp_path / "deep.yaml"
+    path.write_text("plugins: " + "[" * depth + "]" * depth + "\n")
+    result = check_config(path)
+    assert result.returncode == 2
+    assert "nest" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("listen: {port: 8888, port: 9999}\n",
+         "line 1: listen.port: duplicate key (first at line 1)"),
+        ("room:\n  max_users: 3\nlog:\n  level: info\nroom:\n  max_users: 4\n",
+         "line 5: room: duplicate key (first at line 1)"),
+        ("listen:\n  port: 1\n  'port': 2\n",
+         "line 3: listen.port: duplicate key (first at line 2)"),
+        ("plugins:\n  wordfilter:\n    words: [a]\n    words: [b]\n",
+         "line 4: plugins.wordfilter.words: duplicate key (first at line 3)"),
+    ],
+)
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path, text, expected):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path))
+    assert str(caught.value) == f"{path}, {expected}"
+
+
+def test_the_daemons_files_are_found_despite_a_duplicate_key(tmp_path):
+    """chatd stop and chatctl still reach a daemon whose file someone broke that way."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(f"runtime_dir: {tmp_path}/run\nroom: {{}}\nroom: {{}}\n")
+    settings, problem = config.locate(str(path))
+    assert settings.control.socket == f"{tmp_path}/run/control.sock"
+    assert problem is not None and "room: duplicate key" in str(problem)
+
+
+def test_size_cap_at_one_mebibyte(tmp_path):
+    path = tmp_path / "big.yaml"
+    body = "room:\n  max_users: 7\n"
+    filler = "#" * 99 + "\n"
+    padding = config.MAX_FILE_BYTES - len(body)
+    path.write_text(body + filler * (padding // 100) + "#" * (padding % 100))
+    assert path.stat().st_size == config.MAX_FILE_BYTES
+    assert config.load(str(path)).room.max_users == 7
+    with path.open("a") as f:
+        f.write("#")
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path))
+    assert str(caught.value) == (f"{path}: too large (1048577 bytes); a configuration file "
+                                 "may have at most 1048576 bytes (1 MiB)")
+    with pytest.raises(config.ConfigError, match="too large"):
+        config.locate(str(path))  # not read in full to find the daemon's files either
+    result = check_config(path)
+    assert result.returncode == 2 and "too large (1048577 bytes)" in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "chatd.yaml"
+    os.mkfifo(fifo)
+    result = check_config(fifo)
+    assert result.returncode == 2
+    assert f"{fifo}: not a regular file (a FIFO)" in result.stderr
+    with pytest.raises(config.ConfigError, match="not a regular file"):
+        config.locate(str(fifo))
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(config.ConfigError, match="cannot read: Is a directory"):
+        config.load(str(tmp_path))
+
+
+def test_values_quoted_in_errors_are_shortened(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("listen: '" + "x" * 100_000 + "'\n")
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path))
+    message = str(caught.value)
+    assert "line 1: listen: expected a mapping, got 'xxx" in message
+    assert len(message) < len(str(path)) + 450 and message.endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("1" * 5000, "Exceeds the limit"), ("2024-02-30", "day is out of range for month")],
+)
+def test_a_value_python_cannot_convert_names_its_line(tmp_path, parser, value, problem):
+    path = tmp_path / "value.yaml"
+    path.write_text(f"listen:\n  port: {value}\n")
+    with pytest.raises(config.ConfigError, match=rf"line 2: not valid YAML: {problem}"):
+        config.load(str(path))
+
+
+# -- check-config checks what start checks, short of the port (issue 13) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("daemon:\n  user: nosuchuser\n", "line 2: daemon.user: no such user 'nosuchuser'"),
+        ("daemon:\n  group: nosuchgroup\n", "line 2: daemon.group: no such group 'nosuchgroup'"),
+        ("control:\n  group: nosuchgroup\n",
+         "line 2: control.group: no such group 'nosuchgroup'"),
+        ("runtime_dir: {tmp}/a-file/run\n",
+         "line 1: cannot create runtime_dir {tmp}/a-file/run: Not a directory"),
+        ("runtime_dir: {tmp}/a-file\n",
+         "line 1: cannot create runtime_dir {tmp}/a-file: File exists"),
+        ("log:\n  file: {tmp}/a-file/chatd.log\n",
+         "line 2: cannot open log.file {tmp}/a-file/chatd.log: Not a directory"),
+        ("log:\n  file: {tmp}\n", "line 2: cannot open log.file {tmp}: Is a directory"),
+        ("runtime_dir: {tmp}/" + "d" * 100 + "\n",
+         ": control.socket: {tmp}/" + "d" * 100 + "/control.sock is too long for a Unix socket"),
+    ],
+)
+def test_check_config_refuses_what_start_would(tmp_path, text, expected):
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "c.yaml"
+    text = text.format(tmp=tmp_path)
+    if "runtime_dir" not in text:
+        text += f"runtime_dir: {tmp_path}/run\n"
+    path.write_text(text)
+    result = check_config(path)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"chatd: config error: {path}")
+    assert expected.format(tmp=tmp_path) in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # checked, not created
+
+
+def test_check_config_passes_what_start_accepts_and_creates_nothing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"runtime_dir: {tmp_path}/run/chatd\nlog:\n  file: {tmp_path}/log/chatd.log\n"
+                    "daemon:\n  user: root\n")
+    result = check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

@@ -502,3 +502,51 @@ def test_refused_peers_are_logged_at_a_bounded_rate(make_chatd, reachable_socket
     rate = BoundedRate()
     assert len(lines) <= rate.burst + rate.per_second * elapsed + 1
     assert server.log_path.stat().st_size - before < 64 * 1024
+def test_reload_says_what_it_applied_and_what_needs_a_restart(users, chatd):
+    alice = users("alice")
+    data = yaml.safe_load(chatd.config.read_text())
+    other_port = chatd.port + 1 if chatd.port < 65535 else chatd.port - 1
+    data["listen"]["port"] = other_port
+    data["room"] = {"max_users": 5, "templates": {"chat": "\n{name}> {text}"}}
+    data["control"] = {"mode": 0o600}
+    chatd.config.write_text(yaml.safe_dump(data))
+    result = chatctl(chatd, "reload")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "reloaded: applied room.max_users, room.templates.chat; needs a restart, kept: "
+        f"listen.port = {chatd.port} (file says {other_port}), "
+        "control.mode = 0660 (file says 0600)\n")
+    # the second time nothing is applied any more, and the restart is still needed
+    assert chatctl_json(chatd, "reload") == {"applied": [], "restart_needed": [
+        {"key": "listen.port", "kept": chatd.port, "wanted": other_port},
+        {"key": "control.mode", "kept": 0o660, "wanted": 0o600}]}
+    assert chatctl_json(chatd, "status")["max_users"] == 5
+    assert alice.ping() == b"PONG"  # still on the old port
+    reloaded = [e for e in chatd.log_events() if e["event"] == "reloaded"]
+    assert reloaded[0]["applied"] == ["room.max_users", "room.templates.chat"]
+    assert reloaded[0]["restart_needed"] == ["listen.port", "control.mode"]
+    chatd.config.write_text(yaml.safe_dump({**data, "listen": {"host": "127.0.0.1",
+                                                                "port": chatd.port}}))
+    assert chatctl(chatd, "reload").stdout == (
+        "reloaded: needs a restart, kept: control.mode = 0660 (file says 0600)\n")
+
+
+def test_an_unexpected_error_on_reload_keeps_the_room_and_its_settings(users, chatd):
+    """A log.file with a NUL byte passes validation but cannot be opened: ValueError, not
+    OSError. Neither SIGHUP nor chatctl may let that stop the room or half-apply the file."""
+    alice = users("alice")
+    data = yaml.safe_load(chatd.config.read_text())
+    data["log"]["file"] = str(chatd.directory / "new\0.log")
+    data["room"] = {"max_users": 1}
+    chatd.config.write_text(yaml.safe_dump(data))
+    chatd.reload()
+    failed = wait_for(lambda: [e for e in chatd.log_events() if e["event"] == "reload_failed"],
+                      what="reload_failed in the old log")
+    assert "null byte" in failed[0]["error"]
+    result = chatctl(chatd, "reload")
+    assert result.returncode == 1
+    assert "reload failed (ValueError: embedded null byte); nothing was changed" in result.stderr
+    assert chatd.proc.poll() is None
+    users("bob")  # max_users is still 1000
+    assert alice.ping() == b"PONG"
+    assert chatctl_json(chatd, "status")["max_users"] == 1000

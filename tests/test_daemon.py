@@ -236,8 +236,10 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         directory.mkdir(exist_ok=True)
         config = write_config(directory, overrides, port=port)
         data = yaml.safe_load(config.read_text())
+        # no log.file: chatd start logs to $XDG_STATE_HOME/chatd/chatd.log
+        log_path = Path(data["log"]["file"] or directory / "state" / "chatd" / "chatd.log")
         daemon = Daemon(directory, config, data["listen"]["port"], Path(data["runtime_dir"]),
-                        Path(data["log"]["file"]), config_arg=config_arg)
+                        log_path, config_arg=config_arg)
         made.append(daemon)
         return daemon
 
@@ -475,6 +477,8 @@ def test_reload_applies_templates_and_log_level_keeping_users(daemons, users) ->
                     "log": {"level": "debug"}})
     reloaded = daemon.cli("reload")
     assert reloaded.returncode == 0, reloaded
+    assert reloaded.stdout == (f"chatd reloaded (pid {pid}): "
+                               "applied log.level, room.templates.chat\n")
     sent = iter(range(1000))
 
     def new_template_seen() -> bool:
@@ -516,6 +520,35 @@ def test_reload_applies_templates_and_log_level_keeping_users(daemons, users) ->
     assert daemon.probe() is State.RUNNING  # `chatd status` cannot read the broken file either
     assert_no_zombies(pid)
     daemon.rewrite({})  # so that the finalizer's `chatd stop` can read it
+
+
+def test_reload_keeps_the_default_log_file_of_start(open_dir: Path, daemons) -> None:
+    """Without log.file, chatd start logs to $XDG_STATE_HOME/chatd/chatd.log; reloading
+    the same file keeps logging there (not to stderr, which a daemon has on /dev/null)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv, to run as a user whose default log is not /var/log")
+    nobody = pwd.getpwnam("nobody")
+    daemon = daemons({"log": {"file": None}}, directory=open_dir)
+    os.chown(open_dir, nobody.pw_uid, nobody.pw_gid)
+
+    def as_nobody(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+             *CHATD, *args, "-c", str(daemon.config)], cwd=open_dir, capture_output=True,
+            text=True, timeout=30, env={**ENV, "XDG_STATE_HOME": str(open_dir / "state")})
+
+    started = as_nobody("start")
+    assert started.returncode == 0, started.stderr
+    daemon.remember_pid()
+    assert daemon.events("server_started")
+    daemon.rewrite({"log": {"file": None}, "room": {"max_users": 5}})
+    reloaded = as_nobody("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert reloaded.stdout.endswith("): applied room.max_users\n")
+    wait_for(lambda: daemon.events("reloaded"), timeout=10, what="the reload in the default log")
+    assert daemon.events("reloaded")[-1]["applied"] == ["room.max_users"]
+    stopped = as_nobody("stop")
+    assert stopped.returncode == 0, stopped.stderr
 
 
 # -- privileges --------------------------------------------------------------------------------

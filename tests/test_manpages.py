@@ -126,7 +126,9 @@ def test_control_protocol_examples_render_as_json() -> None:
     rendered = subprocess.run([MANDOC, "-Tutf8", str(MAN / "chatctl.8")], capture_output=True,
                               text=True, timeout=30, check=True).stdout
     plain = re.sub(".\b", "", rendered)  # overstrike bold and underline
-    examples = [line.strip() for line in plain.splitlines() if line.strip().startswith("{")]
+    protocol = plain[plain.index("\nPROTOCOL"):]
+    protocol = protocol[:re.search(r"\n[A-Z][A-Z ]+\n", protocol[1:]).start() + 1]
+    examples = [line.strip() for line in protocol.splitlines() if line.strip().startswith("{")]
     assert len(examples) == 3, examples
     request, *answers = (json.loads(example) for example in examples)
     assert request["cmd"] in _subcommands(chatctl_cli._parser())

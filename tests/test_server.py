@@ -1,5 +1,6 @@
 """The room end to end: ``chatd run`` in a subprocess, real UDP on 127.0.0.1."""
 
+import os
 import signal
 
 import pytest
@@ -204,3 +205,43 @@ def test_junk_flood_is_logged_at_a_bounded_rate(users, chatd):
     assert alice.recv_text() == "\nbob says: after the flood"
     dropped = [e for e in chatd.log_events() if e["event"] == "datagram_dropped"]
     assert 1 <= len(dropped) <= 100
+
+
+# -- reloading a hostile or broken file (issue 13) ------------------------------------------------
+
+
+def _laughs() -> str:
+    lines = ["lol:", "  m0: &m0 {k0: x, k1: x, k2: x, k3: x, k4: x, k5: x, k6: x, k7: x, k8: x, "
+             "k9: x}"]
+    lines += [f"  m{n}: &m{n} {{" + ", ".join(f"k{i}: *m{n - 1}" for i in range(10)) + "}"
+              for n in range(1, 10)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE_FILES = {
+    "600 levels deep": ("plugins: " + "[" * 600 + "]" * 600 + "\n", "nested more than 32"),
+    "100000 levels deep": ("plugins: " + "[" * 100_000 + "]" * 100_000 + "\n", "nest"),
+    "billion laughs": (_laughs(), "more than 10000 keys, values and list items"),
+    "duplicate key": ("listen: {port: 1, port: 2}\n", "listen.port: duplicate key"),
+    "2 MiB": ("#" * (2 << 20) + "\n", f"too large ({(2 << 20) + 1} bytes)"),
+    "a FIFO": (None, "not a regular file (a FIFO)"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", HOSTILE_FILES)
+def test_sighup_with_a_hostile_file_keeps_the_room_serving(users, chatd, name):
+    text, error = HOSTILE_FILES[name]
+    alice = users("alice")
+    if text is None:
+        chatd.config.unlink()
+        os.mkfifo(chatd.config)  # nobody will ever write to it
+    else:
+        chatd.config.write_text(text)
+    chatd.reload()  # RELOADING=1, then READY=1
+    failed = wait_for(lambda: [e for e in chatd.log_events() if e["event"] == "reload_failed"],
+                      what="reload_failed")
+    assert error in failed[0]["error"]
+    assert alice.ping() == b"PONG"
+    users("bob")  # joins: the room still takes logins
+    assert chatd.proc.poll() is None

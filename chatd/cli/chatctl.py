@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("plugins", "loaded plugins, their state and failure counts")):
         sub.add_parser(verb, help=text).add_argument(
             "--json", action="store_true", help="machine-readable output")
-    sub.add_parser("reload", help="re-read the configuration; prints the error if it is invalid")
+    sub.add_parser("reload", help="re-read the configuration: prints what changed, what needs "
+                   "a restart, or the error if it is invalid").add_argument(
+        "--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -145,7 +147,8 @@ HUMAN = {
     "kick": lambda r: f"kicked {r['kicked']} ({r['reason']})",
     "who": _who,
     "status": _status,
-    "reload": lambda r: str(r),
+    "reload": lambda r: "reloaded: " + (
+        config_mod.describe_reload(r) if isinstance(r, dict) else str(r)),
     "plugins": _plugins,
 }
 

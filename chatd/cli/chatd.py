@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         log_mod.print_stderr(f"chatd: config error: {exc}")
         return EXIT_USAGE
     if args.command == "check-config":
+        try:
+            daemon.preflight(settings)  # what start checks too: users, groups, directories
+        except daemon.StartError as exc:
+            print(f"chatd: config error: {settings.where(exc.key)}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"# {path or 'built-in defaults'}: OK; the effective configuration:")
         print(effective_yaml(settings), end="")
         return 0
