@@ -314,7 +314,8 @@ def test_journal_records_each_line_at_its_level(machine: Machine, journal) -> No
     # a setting that needs a restart (warning), then a broken file (error)
     machine.write_config(machine.edited_config(f"  port: {PORT}\n", f"  port: {PORT + 1}\n"))
     machine.run("systemctl", "reload", "chatd.service", check=True)
-    machine.write_config(machine.config_text + "room:\n  max_users: lots\n")
+    # a value of the wrong type (a second room: block would be a duplicate key instead)
+    machine.write_config(machine.edited_config("  max_users: 1000\n", "  max_users: lots\n"))
     machine.run("systemctl", "reload", "chatd.service", check=True)
 
     def events(*args: str) -> dict[str, str]:
@@ -335,7 +336,8 @@ def test_journal_records_each_line_at_its_level(machine: Machine, journal) -> No
 def test_a_broken_config_fails_the_start_with_an_error_in_the_journal(
         machine: Machine, journal) -> None:
     """ExecStartPre=chatd check-config's message must pass `journalctl -p warning`."""
-    machine.write_config(machine.config_text + "room:\n  max_users: lots\n")
+    # a value of the wrong type (a second room: block would be a duplicate key instead)
+    machine.write_config(machine.edited_config("  max_users: 1000\n", "  max_users: lots\n"))
     started = machine.run("systemctl", "start", "chatd.service")
     assert started.returncode != 0
     assert "the control process exited with error code" in started.stderr  # ExecStartPre=
