@@ -149,9 +149,13 @@ def test_exempt_addresses_take_no_room_in_the_table():
     assert limiter.tracked() == []
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, "many"])
-def test_max_tracked_hosts_must_be_a_positive_integer(value):
-    with pytest.raises(PluginConfigError) as error:
+@pytest.mark.parametrize(("value", "problem"), [(0, "must be at least 1"),
+                                              (-1, "must be at least 1"),
+                                              (1.5, "expected an integer"),
+                                              ("many", "expected an integer")])
+def test_max_tracked_hosts_must_be_a_positive_integer(value, problem):
+    check_settings({"ratelimit": {"max_tracked_hosts": 1}})
+    with pytest.raises(PluginConfigError, match=problem) as error:
         check_settings({"ratelimit": {"max_tracked_hosts": value}})
     assert error.value.path == "plugins.ratelimit.max_tracked_hosts"
 
