@@ -36,10 +36,12 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# Fan-out throughput and latency against a bare-loop baseline, then 10,000 sessions.
+# Fan-out throughput and latency against a bare-loop baseline, 10,000 sessions, then the
+# cost of a login from 1,000 and from 100,000 distinct sources.
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/fanout.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/logins.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

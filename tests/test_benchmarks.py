@@ -99,6 +99,25 @@ def test_scale_quick_reports_logins_memory_fanout_and_chatctl():
         assert {"all_received_ms", "delivered_fraction"} <= set(result["fanout"])
 
 
+def test_logins_quick_reports_the_cost_per_login_at_two_sizes_and_the_memory():
+    report = run_quick("logins.py")
+    assert report["benchmark"] == "logins"
+    check_machine(report)
+    assert [r["sources"] for r in report["results"]] == [100, 1000]
+    for result in report["results"]:
+        median = result["median"]
+        assert {"per_login_us", "at_n_us", "p99_us", "max_ms", "plugin_us_per_pair",
+                "gc_max_ms", "gc_full", "tracked", "max_tracked_hosts"} <= set(median)
+        assert median["logins_ok"] == result["sources"]  # nobody limited: distinct sources
+        assert median["tracked"] == result["sources"]
+    assert report["ratio"]["sources"] == [100, 1000]
+    assert {"per_login", "at_n"} <= set(report["ratio"])
+    memory = {m["family"]: m for m in report["memory"]}
+    assert set(memory) == {"ipv4", "ipv6"}
+    assert all(m["tracked"] == m["sources"] and m["bytes_per_host"] > 0
+               for m in memory.values())
+
+
 def test_the_baseline_server_speaks_the_protocol_subset():
     """What fanout measures it by: L -> OK, C -> the line to every other user, Q -> EXIT."""
     notify = Notifications()

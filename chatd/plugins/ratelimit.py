@@ -4,12 +4,17 @@ The default limits are far above any typist's: they stop scripts and floods,
 not people. Excess is dropped and counted, and the sender is told once per
 burst (not once per dropped line, which would feed the flood). Loopback is
 exempt by default: it is the host's own tools, tests and benchmarks.
+
+Source addresses cost an attacker nothing to spoof, so neither the memory
+kept per address nor the cost of a login may grow with their number: login
+buckets live in a table of bounded size, least recently seen forgotten first.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +23,9 @@ from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
 from chatd.plugins.options import Option
 
-#: Idle login buckets are forgotten once there are more addresses than this.
-MAX_HOSTS = 4096
+#: Refilled login buckets forgotten, oldest first, each time a new address is tracked: more
+#: than the one added, so the table shrinks back when the crowd goes, at a fixed cost per login.
+IDLE_FORGOTTEN_PER_LOGIN = 2
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -83,6 +89,10 @@ class RateLimit(Plugin):
                           "told to a sender once per burst of dropped lines"),
         "refusal": Option(str, "\ntoo many logins from your address, try again later",
                           "told to a refused login"),
+        "max_tracked_hosts": Option(int, 100_000,
+                                    "addresses whose login buckets are kept, the least recently "
+                                    "seen forgotten first; ~300 bytes each (~30 MB at 100,000)",
+                                    min=1),
     }
 
     #: monotonic seconds; tests replace it
@@ -91,7 +101,8 @@ class RateLimit(Plugin):
     def __init__(self, room: RoomAPI):
         super().__init__(room)
         self.sessions: dict[str, Any] = {}
-        self.hosts: dict[str, Bucket] = {}
+        #: address -> (tokens, stamp) of its login bucket, least recently seen first
+        self.hosts: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._configure()
 
     @hookimpl
@@ -105,6 +116,8 @@ class RateLimit(Plugin):
         self.line_burst = float(options["line_burst"])
         self.login_rate = options["logins_per_minute"] / 60.0
         self.login_burst = float(options["login_burst"])
+        self.refill_seconds = self.login_burst / self.login_rate
+        self.max_hosts = options["max_tracked_hosts"]
         self.exempt: list[Network] = [ipaddress.ip_network(n, strict=False)
                                       for n in options["exempt"]]
         self.sessions.clear()  # new limits and exemptions apply from a fresh start
@@ -156,25 +169,61 @@ class RateLimit(Plugin):
 
     @hookimpl(tryfirst=True)
     def chatd_login(self, addr: Any) -> str | None:
+        """A token bucket per address, kept as a ``(tokens, stamp)`` tuple, not a :class:`Bucket`.
+
+        A tuple of floats is untracked by Python's cyclic garbage collector,
+        so a table of 100,000 adds nothing to its full collections; as many
+        Bucket objects add tens of milliseconds to each, and a flood of new
+        addresses is what triggers them.
+        """
         host = host_of(addr)
-        bucket = self.hosts.get(host)
+        hosts = self.hosts
         now = self.clock()
-        if bucket is None:
+        saved = hosts.get(host)
+        if saved is None:
             if self.is_exempt(host):
                 return None
-            if len(self.hosts) >= MAX_HOSTS:
-                self._forget_idle_hosts(now)
-            bucket = self.hosts[host] = Bucket(self.login_burst, now)
-        if bucket.take(now, self.login_rate, self.login_burst):
+            self._make_room(now)
+            tokens = self.login_burst
+        else:
+            tokens, stamp = saved
+            tokens = min(self.login_burst, tokens + (now - stamp) * self.login_rate)
+            hosts.move_to_end(host)
+        allowed = tokens >= 1.0
+        hosts[host] = (tokens - 1.0 if allowed else tokens, now)
+        if allowed:
             return None
         self.room.count("logins_refused")
         return self.room.options["refusal"]
 
-    def _forget_idle_hosts(self, now: float) -> None:
-        """A bucket that has refilled is the same as no bucket: forget those."""
-        full = self.login_burst / self.login_rate
-        for host in [h for h, b in self.hosts.items() if now - b.stamp >= full]:
-            del self.hosts[host]
+    def _make_room(self, now: float) -> None:
+        """Before a new address is tracked: a fixed amount of work, whatever the table's size.
+
+        The table is ordered by last login (every login moves its address to
+        the end), so its oldest entries are the first to have refilled, and a
+        refilled bucket is the same as no bucket: up to
+        ``IDLE_FORGOTTEN_PER_LOGIN`` of them are forgotten. At
+        ``max_tracked_hosts`` the least recently seen address is forgotten
+        too, refilled or not: memory stays bounded however many sources there
+        are (spoofed ones cost nothing to make).
+
+        What forgetting a bucket that had not refilled gives away: that
+        address's next login starts from a full burst again. So a flood of
+        fresh sources can only make the limiter more lenient, never refuse
+        anybody: to reset one address's bucket it takes ``max_tracked_hosts``
+        logins from other addresses after that address's last attempt, each
+        of which had its own burst anyway. Such evictions are counted
+        (``hosts_evicted``), so that an operator sees the cap being reached.
+        """
+        hosts = self.hosts
+        for _ in range(IDLE_FORGOTTEN_PER_LOGIN):
+            if not hosts or now - next(iter(hosts.values()))[1] < self.refill_seconds:
+                break
+            hosts.popitem(last=False)
+        if len(hosts) >= self.max_hosts:
+            _, (_, stamp) = hosts.popitem(last=False)
+            if now - stamp < self.refill_seconds:
+                self.room.count("hosts_evicted")
 
 
 PLUGIN = RateLimit
