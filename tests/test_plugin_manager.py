@@ -23,7 +23,7 @@ from chatd.plugins import (
 )
 from chatd.plugins import history as history_mod
 from chatd.plugins.catalog import Catalog, default_catalog, spec_for
-from chatd.plugins.ratelimit import Bucket, host_of
+from chatd.plugins.ratelimit import Bucket, ip_of
 from chatd.plugins.text import cut, lines, pack
 from chatd.plugins.wordfilter import word_pattern
 from chatd.room import Delivery, Room
@@ -390,10 +390,10 @@ def test_bucket_refills_at_rate_up_to_burst():
     assert not bucket.take(100.0, 1.0, 2.0)  # never more than the burst saved up
 
 
-def test_host_of_unwraps_ipv4_mapped_addresses():
-    assert host_of(("::ffff:10.1.2.3", 5, 0, 0)) == "10.1.2.3"
-    assert host_of(("10.1.2.3", 5)) == "10.1.2.3"
-    assert host_of(("fe80::1%eth0", 5, 0, 2)) == "fe80::1"
+def test_ip_of_unwraps_ipv4_mapped_addresses():
+    assert ip_of(("::ffff:10.1.2.3", 5, 0, 0)) == "10.1.2.3"
+    assert ip_of(("10.1.2.3", 5)) == "10.1.2.3"
+    assert ip_of(("fe80::1%eth0", 5, 0, 2)) == "fe80::1"
 
 
 def test_ratelimit_drops_warns_once_per_burst_and_counts():

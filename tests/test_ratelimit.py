@@ -63,6 +63,16 @@ def hosts(first: int, count: int) -> list[str]:
     return [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(first, first + count)]
 
 
+def test_an_ipv6_host_is_limited_by_its_prefix_not_by_each_address():
+    """One machine owns a /64 and can send from a fresh address each time."""
+    limiter = Limiter(login_burst=2, logins_per_minute=1)
+    assert limiter.login("2001:db8:1:2::1") == b"OK"
+    assert limiter.login("2001:db8:1:2::2") == b"OK"
+    assert limiter.login("2001:db8:1:2:ffff::3") == REFUSAL
+    assert limiter.login("2001:db8:1:3::1") == b"OK"  # another /64: another host
+    assert limiter.tracked() == ["2001:db8:1:2::/64", "2001:db8:1:3::/64"]
+
+
 def test_the_table_stays_at_the_cap_however_many_sources_arrive():
     limiter = Limiter(max_tracked_hosts=50)
     sources = hosts(0, 150)

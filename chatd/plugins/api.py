@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from chatd.hosts import host_key
 from chatd.room import Addr, Room, TextTooLong
 from chatd.textsafe import neutralise
 
@@ -66,6 +67,11 @@ class RoomAPI:
 
     def __len__(self) -> int:
         return len(self._room)
+
+    def host(self, addr: Addr) -> str:
+        """The host ``addr`` counts as for limits per address: an IPv4 address, or an IPv6
+        prefix of ``room.ipv6_prefix`` bits (chatd.hosts)."""
+        return host_key(addr, self._room.settings.ipv6_prefix)
 
     def reply_budget(self, name: str) -> int | None:
         """How many datagrams an answer to ``name`` may take: 1 when ``name``'s address is

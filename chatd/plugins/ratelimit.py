@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from chatd.hosts import host_key
 from chatd.plugins.api import RoomAPI
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
@@ -39,15 +40,9 @@ def _network_problem(values: list[str]) -> str | None:
     return None
 
 
-def host_of(addr: Any) -> str:
-    """The address people are limited by: the host, with IPv4-mapped IPv6 unwrapped."""
-    host = addr[0] if isinstance(addr, tuple) else str(addr)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return str(mapped or ip)
+def ip_of(addr: Any) -> str:
+    """The IP address of ``addr``, IPv4-mapped IPv6 unwrapped: what exemptions match."""
+    return host_key(addr, ipv6_prefix=128).removesuffix("/128")
 
 
 class Bucket:
@@ -136,7 +131,7 @@ class RateLimit(Plugin):
         bucket = self.sessions.get(name)
         if bucket is None:
             user = self.room.user(name)
-            exempt = user is not None and self.is_exempt(host_of(user.addr))
+            exempt = user is not None and self.is_exempt(ip_of(user.addr))
             bucket = _EXEMPT if exempt else Bucket(self.line_burst, self.clock())
             self.sessions[name] = bucket
         if bucket is _EXEMPT or bucket.take(self.clock(), self.line_rate, self.line_burst):
@@ -176,12 +171,12 @@ class RateLimit(Plugin):
         Bucket objects add tens of milliseconds to each, and a flood of new
         addresses is what triggers them.
         """
-        host = host_of(addr)
+        host = self.room.host(addr)  # an IPv6 /64 (room.ipv6_prefix) is one host
         hosts = self.hosts
         now = self.clock()
         saved = hosts.get(host)
         if saved is None:
-            if self.is_exempt(host):
+            if self.is_exempt(ip_of(addr)):
                 return None
             self._make_room(now)
             tokens = self.login_burst
