@@ -463,9 +463,9 @@ class AdminChild:
         self._fifo_lines = LineSplitter()
         self._terminal_lines = LineSplitter()
         # lines any local peer can cause, each kind logged at a bounded rate
-        self._peer_logs = {name: log_mod.BoundedRate() for name in (
+        self._log_bounded = log_mod.BoundedLog(log, {name: "warning" for name in (
             "control_refused", "control_peer_evicted", "control_peer_timeout",
-            "control_line_too_long", "control_line_failed")}
+            "control_line_too_long", "control_line_failed")})
         self._channel_buffer = b""
         self._next_id = 0
         self._pending: dict[int, int | None] = {}  # request id -> peer fd (None: no reply)
@@ -516,16 +516,6 @@ class AdminChild:
         self._identities = self._current_identities()
         log.warning("control_files_recreated", socket=self.settings.socket,
                     fifo=self.settings.fifo)
-
-    def _log_bounded(self, name: str, **fields: Any) -> None:
-        """A warning a local peer can cause: a flood of them costs a few lines a second."""
-        rate = self._peer_logs[name]
-        if not rate.allow():
-            return
-        suppressed = rate.take_suppressed()
-        if suppressed:
-            fields["suppressed_since_last"] = suppressed
-        log.warning(name, **fields)
 
     # -- the daemon side ----------------------------------------------------------
 

@@ -24,12 +24,14 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import structlog
 
 from chatd import safefs
 from chatd.config import LogSettings
+from chatd.tokenbucket import TokenBucket
 
 # syslog priorities, for journald's "<N>" prefixes on stderr
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,
@@ -255,30 +257,39 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-class BoundedRate:
-    """At most ``per_second`` events on average (bursts up to ``burst``); counts what it refuses.
+#: Lines of one kind others can cause, at most: this many a second on average...
+BOUNDED_PER_SECOND = 5.0
+#: ...and this many at once.
+BOUNDED_BURST = 20.0
 
-    Used for lines a stranger can cause (dropped datagrams), so that a flood
-    of junk costs a few log lines a second, not the disk.
+
+class BoundedLog:
+    """Log lines others can cause, each kind at a bounded rate, with counts of what was left out.
+
+    Used for what a stranger (a datagram) or a local peer (the control socket)
+    can cause, so that a flood of junk costs a few log lines a second, not the
+    disk; the next line written of a kind says how many were left out since
+    (``suppressed_since_last``).
     """
 
-    def __init__(self, per_second: float = 5.0, burst: float = 20.0):
-        self.per_second = per_second
-        self.burst = burst
-        self._tokens = burst
-        self._stamp = time.monotonic()
-        self.suppressed = 0
+    def __init__(self, logger: Any, levels: Mapping[str, str],
+                 per_second: float = BOUNDED_PER_SECOND, burst: float = BOUNDED_BURST,
+                 clock: Callable[[], float] = time.monotonic):
+        self._logger = logger
+        self._clock = clock
+        now = clock()
+        #: name -> (bucket, level): ``levels`` names each kind and its level ("warning", ...)
+        self._kinds = {name: (TokenBucket(per_second, burst, now), level)
+                       for name, level in levels.items()}
 
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.per_second)
-        self._stamp = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        self.suppressed += 1
-        return False
+    def __contains__(self, name: str) -> bool:
+        return name in self._kinds
 
-    def take_suppressed(self) -> int:
-        count, self.suppressed = self.suppressed, 0
-        return count
+    def __call__(self, name: str, /, **fields: Any) -> None:
+        bucket, level = self._kinds[name]
+        if not bucket.take(self._clock()):
+            return
+        suppressed = bucket.take_refused()
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        getattr(self._logger, level)(name, **fields)

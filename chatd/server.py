@@ -132,11 +132,11 @@ class Server:
         self._stop_reason: str | None = None
         # events any stranger can cause (a forged L and Q is a join and a leave), each
         # kind logged at a bounded rate with a count of what was left out
-        self._stranger_logs = {"datagram_dropped": (log_mod.BoundedRate(), "warning"),
-                               "datagram_failed": (log_mod.BoundedRate(), "exception"),
-                               "login_refused": (log_mod.BoundedRate(), "info"),
-                               "user_joined": (log_mod.BoundedRate(), "info"),
-                               "user_left": (log_mod.BoundedRate(), "info")}
+        self._stranger_logs = log_mod.BoundedLog(log, {"datagram_dropped": "warning",
+                                                       "datagram_failed": "exception",
+                                                       "login_refused": "info",
+                                                       "user_joined": "info",
+                                                       "user_left": "info"})
         self._icmp_pending = False  # an ICMP error was reported: drain the error queue
         self._signalled = False  # a signal arrived and waits for the loop
         self._backlog: deque[tuple[bytes, Sequence[Any]]] = deque()
@@ -388,13 +388,7 @@ class Server:
                 log.info(name, **fields)
 
     def _log_bounded(self, name: str, fields: dict[str, Any]) -> None:
-        rate, level = self._stranger_logs[name]
-        if not rate.allow():
-            return
-        suppressed = rate.take_suppressed()
-        if suppressed:
-            fields["suppressed_since_last"] = suppressed
-        getattr(log, level)(name, **fields)
+        self._stranger_logs(name, **fields)
 
     # -- signals ----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from chatd.plugins import (
 )
 from chatd.plugins import history as history_mod
 from chatd.plugins.catalog import Catalog, default_catalog, spec_for
-from chatd.plugins.ratelimit import Bucket, ip_of
+from chatd.plugins.ratelimit import ip_of
 from chatd.plugins.text import cut, lines, pack
 from chatd.plugins.wordfilter import word_pattern
 from chatd.room import Delivery, Room
@@ -379,15 +379,6 @@ def test_wordfilter_mask_is_literal():
     room, _ = make({"wordfilter": {"words": ["x"], "mask": r"\1"}})
     join(room, (A, "alice"), (B, "bob"))
     assert to(B, room.receive(A, b"C alice a x b", 1)) == [b"\nalice says: a \\1 b"]
-
-
-def test_bucket_refills_at_rate_up_to_burst():
-    bucket = Bucket(2.0, now=0.0)
-    assert [bucket.take(0.0, 1.0, 2.0) for _ in range(3)] == [True, True, False]
-    assert bucket.take(0.5, 1.0, 2.0) is False
-    assert bucket.take(1.0, 1.0, 2.0) is True
-    assert bucket.take(100.0, 1.0, 2.0) and bucket.take(100.0, 1.0, 2.0)
-    assert not bucket.take(100.0, 1.0, 2.0)  # never more than the burst saved up
 
 
 def test_ip_of_unwraps_ipv4_mapped_addresses():

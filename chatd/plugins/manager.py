@@ -18,13 +18,13 @@ from typing import Any
 import pluggy
 import structlog
 
-from chatd import log as log_mod
 from chatd.plugins import hookspecs
 from chatd.plugins.api import RoomAPI
 from chatd.plugins.catalog import Catalog, PluginSpec, default_catalog, resolve
 from chatd.plugins.markers import PROJECT
 from chatd.plugins.options import PluginConfigError
 from chatd.room import Addr, NoHooks, Room
+from chatd.tokenbucket import TokenBucket
 
 log = structlog.get_logger("chatd")
 
@@ -61,7 +61,7 @@ class PluginState:
         self.slow_calls = 0
         self.commands: dict[str, str] = {}
         #: failures and slowness are logged at a bounded rate: they can happen per line
-        self.log_rate = log_mod.BoundedRate(per_second=1.0, burst=10.0)
+        self.log_rate = TokenBucket(1.0, 10.0, time.monotonic())
 
 
 class _Impl:
@@ -284,7 +284,7 @@ class PluginManager(NoHooks):
             state.failures_in_row = 0
         if elapsed > self.slow_seconds:
             state.slow_calls += 1
-            if state.log_rate.allow():
+            if state.log_rate.take(time.monotonic()):
                 log.warning("plugin_slow", plugin=state.spec.name, hook=impl.hook,
                             ms=round(elapsed * 1000, 1), threshold_ms=self.slow_seconds * 1000)
         return result
@@ -292,7 +292,7 @@ class PluginManager(NoHooks):
     def _failed(self, state: PluginState, hook: str, exc: BaseException) -> None:
         state.failures += 1
         state.failures_in_row += 1
-        if state.log_rate.allow():
+        if state.log_rate.take(time.monotonic()):
             log.error("plugin_failed", plugin=state.spec.name, hook=hook, error=repr(exc),
                       failures_in_row=state.failures_in_row,
                       traceback="".join(traceback.format_exception(exc)))

@@ -23,6 +23,7 @@ from chatd.plugins.api import RoomAPI
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
 from chatd.plugins.options import Option
+from chatd.tokenbucket import TokenBucket, refill
 
 #: Refilled login buckets forgotten, oldest first, each time a new address is tracked: more
 #: than the one added, so the table shrinks back when the crowd goes, at a fixed cost per login.
@@ -43,27 +44,6 @@ def _network_problem(values: list[str]) -> str | None:
 def ip_of(addr: Any) -> str:
     """The IP address of ``addr``, IPv4-mapped IPv6 unwrapped: what exemptions match."""
     return host_key(addr, ipv6_prefix=128).removesuffix("/128")
-
-
-class Bucket:
-    """``rate`` tokens a second, at most ``burst`` saved up; one token per line."""
-
-    __slots__ = ("tokens", "stamp", "warned")
-
-    def __init__(self, burst: float, now: float):
-        self.tokens = burst
-        self.stamp = now
-        self.warned = False
-
-    def take(self, now: float, rate: float, burst: float) -> bool:
-        tokens = self.tokens + (now - self.stamp) * rate
-        self.tokens = burst if tokens > burst else tokens
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            self.warned = False
-            return True
-        return False
 
 
 _EXEMPT = object()  # the bucket of a session that is never limited
@@ -132,12 +112,16 @@ class RateLimit(Plugin):
         if bucket is None:
             user = self.room.user(name)
             exempt = user is not None and self.is_exempt(ip_of(user.addr))
-            bucket = _EXEMPT if exempt else Bucket(self.line_burst, self.clock())
+            bucket = _EXEMPT if exempt else TokenBucket(self.line_rate, self.line_burst,
+                                                        self.clock())
             self.sessions[name] = bucket
-        if bucket is _EXEMPT or bucket.take(self.clock(), self.line_rate, self.line_burst):
+        if bucket is _EXEMPT:
             return True
-        if not bucket.warned:
-            bucket.warned = True
+        if bucket.take(self.clock()):
+            if bucket.refused:
+                bucket.refused = 0  # the next burst of dropped lines is told again
+            return True
+        if bucket.refused == 1:  # the first line of this burst dropped
             self.room.send(name, self.room.options["warning"])
             self.room.count("warnings")
         return False
@@ -164,11 +148,12 @@ class RateLimit(Plugin):
 
     @hookimpl(tryfirst=True)
     def chatd_login(self, addr: Any) -> str | None:
-        """A token bucket per address, kept as a ``(tokens, stamp)`` tuple, not a :class:`Bucket`.
+        """A token bucket per address, kept as a ``(tokens, stamp)`` tuple, not a
+        :class:`~chatd.tokenbucket.TokenBucket`.
 
         A tuple of floats is untracked by Python's cyclic garbage collector,
         so a table of 100,000 adds nothing to its full collections; as many
-        Bucket objects add tens of milliseconds to each, and a flood of new
+        bucket objects add tens of milliseconds to each, and a flood of new
         addresses is what triggers them.
         """
         host = self.room.host(addr)  # an IPv6 /64 (room.ipv6_prefix) is one host
@@ -182,7 +167,7 @@ class RateLimit(Plugin):
             tokens = self.login_burst
         else:
             tokens, stamp = saved
-            tokens = min(self.login_burst, tokens + (now - stamp) * self.login_rate)
+            tokens = refill(tokens, stamp, now, self.login_rate, self.login_burst)
             hosts.move_to_end(host)
         allowed = tokens >= 1.0
         hosts[host] = (tokens - 1.0 if allowed else tokens, now)
