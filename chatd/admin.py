@@ -1,33 +1,48 @@
-"""The daemon's side of the control channel: it forks and supervises the admin child,
-and executes the requests the child relays.
+"""The admin child: the process that serves the control socket, and the daemon's service
+that forks it, relays for it and replaces it.
 
-The daemon never touches the control socket itself; it only reads JSON lines
-from a socketpair, so nothing a local peer does can stall the room. The
-child is reaped on SIGCHLD and forked again, with backoff when it keeps
+The child owns everything a local admin can reach: the Unix socket
+(``control.sock``), the FIFO, and a terminal on stdin under ``chatd run``.
+It checks who is connecting, bounds every request (size, nesting, time,
+number at once) and relays requests to the daemon as JSON lines over a
+socketpair (:mod:`chatd.control.channel`). A slow or hostile peer costs the
+child, never the room.
+
+The daemon never touches the control socket itself; :class:`AdminSupervisor`
+only reads the socketpair, so nothing a local peer does can stall the room.
+The child is reaped on SIGCHLD and forked again, with backoff when it keeps
 dying. No zombie is ever left: every fork is waited for.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import selectors
 import signal
 import socket
+import sys
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from daemon.daemon import close_all_open_files
 
-from chatd import control
 from chatd import log as log_mod
-from chatd.room import TextTooLong
-from chatd.server import Server, format_addr
+from chatd.commands import execute
+from chatd.config import ControlSettings
+from chatd.control import files
+from chatd.control.channel import MAX_REQUEST, LineBuffer, LineChannel, encode
+from chatd.control.files import MAX_CONNECTIONS
+from chatd.control.peers import group_members, peer_allowed, peer_credentials
+from chatd.server import Server
 
 log = structlog.get_logger("chatd")
+
+CONNECTION_TIMEOUT = 5.0
+#: verbs a FIFO line or a terminal line may use, and how the rest of the line maps to args
+LINE_VERBS = {"say": ("text",), "kick": ("name", "reason"), "reload": ()}
 
 FIRST_READY_TIMEOUT = 10.0
 STABLE_AFTER = 10.0  # a child that lived this long resets the backoff
@@ -38,6 +53,340 @@ class AdminStartError(Exception):
     """The first admin child could not serve; the message says why."""
 
 
+def parse_line(line: str) -> dict[str, Any] | None:
+    """A FIFO or terminal line (``say hello``, ``kick bob spam``) as a request; None if empty."""
+    line = line.strip()
+    if not line:
+        return None
+    verb, _, rest = line.partition(" ")
+    names = LINE_VERBS.get(verb)
+    if names is None:
+        return {"cmd": verb, "args": {}}
+    values = rest.split(" ", len(names) - 1) if names and rest else []
+    return {"cmd": verb, "args": dict(zip(names, values, strict=False))}
+
+
+# -- the admin child ------------------------------------------------------------------
+
+
+@dataclass
+class _Peer:
+    channel: LineChannel
+    deadline: float
+    waiting: bool = False  # a request is with the daemon
+    closing: bool = False
+    last_active: float = 0.0  # when it connected or last sent something
+    pid: int = 0
+    uid: int = 0
+
+    @property
+    def idle(self) -> bool:
+        """Connected, but no complete request yet: the one to drop when the table is full."""
+        return not self.waiting and not self.closing
+
+
+@dataclass
+class AdminChild:
+    """The loop of the forked admin child."""
+
+    settings: ControlSettings
+    channel: socket.socket  # to the daemon
+    daemon_uid: int
+    read_terminal: bool = False
+    peers: dict[int, _Peer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.group_gid, self.members = group_members(self.settings.group)
+        self.listener = files.create_socket(self.settings, self.group_gid)
+        try:
+            self.fifo = files.create_fifo(self.settings, self.group_gid)
+        except OSError:
+            self.listener.close()
+            os.unlink(self.settings.socket)  # ours: we just bound it
+            raise
+        self._identities = self._current_identities()
+        self._fifo_lines = LineBuffer(MAX_REQUEST)
+        self._terminal_lines = LineBuffer(MAX_REQUEST)
+        # lines any local peer can cause, each kind logged at a bounded rate
+        self._log_bounded = log_mod.BoundedLog(log, {name: "warning" for name in (
+            "control_refused", "control_peer_evicted", "control_peer_timeout",
+            "control_line_too_long", "control_line_failed")})
+        self._daemon = LineChannel(self.channel, max_depth=None)  # the daemon is trusted
+        self._next_id = 0
+        self._pending: dict[int, int | None] = {}  # request id -> peer fd (None: no reply)
+
+    def serve(self) -> None:
+        self.channel.setblocking(True)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(self.fifo, selectors.EVENT_READ, self._read_fifo)
+        self.selector.register(self.channel, selectors.EVENT_READ, self._from_daemon)
+        if self.read_terminal:
+            self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, self._read_terminal)
+        self._send_daemon({"event": "ready", "pid": os.getpid(), "socket": self.settings.socket})
+        log.info("admin_child_serving", socket=self.settings.socket, fifo=self.settings.fifo)
+        while True:
+            for key, mask in self.selector.select(timeout=1.0):
+                key.data(key, mask)
+            self._expire_peers()
+            self._recreate_missing_files()
+
+    # -- files removed under our feet (runtime_dir wiped, tmp cleaners) -------------------
+
+    def _current_identities(self) -> tuple[tuple[int, int] | None, ...]:
+        def identity(path: str) -> tuple[int, int] | None:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return None
+            return st.st_dev, st.st_ino
+
+        return identity(self.settings.socket), identity(self.settings.fifo)
+
+    def _recreate_missing_files(self) -> None:
+        """A control socket or FIFO that was removed is created again, or the log says why."""
+        if self._current_identities() == self._identities:
+            return
+        self.selector.unregister(self.listener)
+        self.selector.unregister(self.fifo)
+        self.listener.close()
+        os.close(self.fifo)
+        try:
+            self.listener = files.create_socket(self.settings, self.group_gid)
+            self.fifo = files.create_fifo(self.settings, self.group_gid)
+        except OSError as exc:
+            log.error("control_files_lost", error=exc.strerror or str(exc))
+            raise SystemExit(1) from None  # the daemon starts another child, with backoff
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(self.fifo, selectors.EVENT_READ, self._read_fifo)
+        self._identities = self._current_identities()
+        log.warning("control_files_recreated", socket=self.settings.socket,
+                    fifo=self.settings.fifo)
+
+    # -- the daemon side ----------------------------------------------------------
+
+    def _send_daemon(self, message: dict[str, Any]) -> None:
+        self._daemon.send(message)  # a blocking socket: all of it, or an error
+
+    def _relay(self, request: Any, peer_fd: int | None) -> None:
+        if (not isinstance(request, dict) or not isinstance(request.get("cmd"), str)
+                or not isinstance(request.get("args", {}), dict)):
+            self._answer(peer_fd, {"ok": False, "error": 'malformed request: expected '
+                                   '{"cmd": "...", "args": {...}}'})
+            return
+        self._next_id += 1
+        self._pending[self._next_id] = peer_fd
+        self._send_daemon({"id": self._next_id, "cmd": request["cmd"],
+                           "args": request.get("args", {})})
+
+    def _from_daemon(self, key: Any, mask: int) -> None:
+        if not self._daemon.read():  # the daemon is gone: so are we
+            log.info("admin_child_exiting", reason="daemon closed the channel")
+            raise SystemExit(0)
+        for line in self._daemon.take_lines():
+            answer = self._daemon.decode(line)
+            peer_fd = self._pending.pop(answer.pop("id", None), None)
+            if peer_fd is None:
+                if not answer.get("ok"):
+                    self._log_bounded("control_line_failed", error=answer.get("error"))
+                continue
+            self._answer(peer_fd, answer)
+
+    # -- socket peers ---------------------------------------------------------------
+
+    def _accept(self, key: Any, mask: int) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(False)
+        pid, uid, gid = peer_credentials(conn)
+        # who first: a refused stranger must never push out an allowed peer's connection
+        if not peer_allowed(uid, gid, self.daemon_uid, self.group_gid, self.members):
+            _try_send(conn, {"ok": False, "error": f"permission denied: uid {uid} may not "
+                             "use the control socket"})
+            conn.close()
+            self._log_bounded("control_refused", reason="permission denied",
+                              peer_pid=pid, uid=uid)
+            return
+        if len(self.peers) >= MAX_CONNECTIONS and not self._evict_idle_peer():
+            _try_send(conn, {"ok": False, "error": "too many control connections, try again"})
+            conn.close()
+            self._log_bounded("control_refused", reason="too many connections",
+                              peer_pid=pid, uid=uid)
+            return
+        now = time.monotonic()
+        peer = _Peer(LineChannel(conn, max_line=MAX_REQUEST), now + CONNECTION_TIMEOUT,
+                     last_active=now, pid=pid, uid=uid)
+        self.peers[conn.fileno()] = peer
+        self.selector.register(conn, selectors.EVENT_READ, self._peer_event)
+
+    def _evict_idle_peer(self) -> bool:
+        """Make room by closing the connection idle longest; False if every one is busy.
+
+        Connections that only sit there would otherwise lock chatctl out
+        until they time out, and a peer can open them faster than that.
+        """
+        idle = [peer for peer in self.peers.values() if peer.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda peer: peer.last_active)
+        _try_send(victim.channel.sock, {"ok": False, "error": "closed: too many control "
+                                        "connections, and this one had sent no request"})
+        self._log_bounded("control_peer_evicted", reason="too many connections, idle longest",
+                          peer_pid=victim.pid, uid=victim.uid)
+        self._close(victim)
+        return True
+
+    def _peer_event(self, key: Any, mask: int) -> None:
+        peer = self.peers.get(key.fd)
+        if peer is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ and not peer.waiting and not peer.closing:
+            try:
+                still_open = peer.channel.read(65536)
+            except OSError:
+                still_open = False
+            if not still_open:
+                self._close(peer)
+                return
+            peer.last_active = time.monotonic()
+            if peer.channel.too_long:  # known as soon as it is, newline or not
+                self._answer(key.fd, {"ok": False,
+                                      "error": f"request larger than {MAX_REQUEST} bytes"})
+                return
+            lines = peer.channel.take_lines()
+            if lines:  # one request per connection: the first line
+                peer.waiting = True
+                try:
+                    request = peer.channel.decode(lines[0])
+                except ValueError as exc:
+                    self._answer(key.fd, {"ok": False, "error": f"malformed request: {exc}"})
+                    return
+                self._relay(request, key.fd)
+
+    def _answer(self, peer_fd: int | None, answer: dict[str, Any]) -> None:
+        if peer_fd is None:
+            if not answer.get("ok"):
+                self._log_bounded("control_line_failed", error=answer.get("error"))
+            return
+        peer = self.peers.get(peer_fd)
+        if peer is None:
+            return
+        peer.closing = True
+        self._flush(peer, answer)
+
+    def _flush(self, peer: _Peer, answer: dict[str, Any] | None = None) -> None:
+        try:
+            done = peer.channel.send(answer) if answer is not None else peer.channel.flush()
+        except OSError:
+            self._close(peer)
+            return
+        if not done:
+            self.selector.modify(peer.channel.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 self._peer_event)
+        elif peer.closing:
+            self._close(peer)
+
+    def _close(self, peer: _Peer) -> None:
+        fd = peer.channel.fileno()
+        self.peers.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(peer.channel.sock)
+        peer.channel.close()
+        for request_id, waiting_fd in list(self._pending.items()):
+            if waiting_fd == fd:
+                self._pending[request_id] = None  # the answer, when it comes, goes nowhere
+
+    def _expire_peers(self) -> None:
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            if now > peer.deadline:
+                self._log_bounded("control_peer_timeout", peer_pid=peer.pid, uid=peer.uid)
+                self._close(peer)
+
+    # -- FIFO and terminal lines -------------------------------------------------------
+
+    def _read_fifo(self, key: Any, mask: int) -> None:
+        self._lines(os.read(self.fifo, 65536), self._fifo_lines, "fifo")
+
+    def _read_terminal(self, key: Any, mask: int) -> None:
+        data = os.read(sys.stdin.fileno(), 65536)
+        if not data:
+            self.selector.unregister(sys.stdin.fileno())
+            return
+        self._lines(data, self._terminal_lines, "terminal", default_verb="say")
+
+    def _lines(self, data: bytes, splitter: LineBuffer, source: str,
+               default_verb: str = "") -> None:
+        lines, too_long = splitter.feed(data)
+        for _ in range(too_long):
+            self._log_bounded("control_line_too_long", source=source, limit=MAX_REQUEST)
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            if default_verb and line.strip():
+                line = f"{default_verb} {line}"
+            request = parse_line(line)
+            if request is not None:
+                self._relay(request, None)
+
+
+def _try_send(conn: socket.socket, answer: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(encode(answer))
+
+
+def run_admin_child(settings: ControlSettings, channel: socket.socket, daemon_uid: int,
+                    read_terminal: bool) -> int:
+    """The admin child's whole life; returns its exit status."""
+    for signum in (signal.SIGINT, signal.SIGHUP):  # the daemon handles these, then stops us
+        signal.signal(signum, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        child = AdminChild(settings, channel, daemon_uid, read_terminal)
+    except OSError as exc:
+        message = exc.strerror or str(exc)
+        with contextlib.suppress(OSError):
+            channel.sendall(encode({"event": "error", "error": message}))
+        log.error("admin_child_failed", error=message)
+        return 1
+    try:
+        child.serve()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    return 0
+
+
+def _child_main(channel: socket.socket, settings: ControlSettings, read_terminal: bool) -> None:
+    """The admin child: keep only what it needs, serve, and never return into the daemon."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        sink = log_mod.current_sink()
+        keep = {0, 1, 2, channel.fileno()}
+        if sink is not None and sink.fileno() is not None:
+            keep.add(sink.fileno())
+        close_all_open_files(exclude=keep)
+        with contextlib.suppress(Exception):
+            import setproctitle  # optional: shows what the process is in ps
+
+            setproctitle.setproctitle("chatd: admin child")
+        code = run_admin_child(settings, channel, os.getuid(), read_terminal)
+    except BaseException:  # noqa: BLE001 - the child must end here whatever happens
+        with contextlib.suppress(Exception):
+            log.exception("admin_child_crashed")
+    finally:
+        os._exit(code)
+
+
+# -- the daemon's side ------------------------------------------------------------------
+
+
 class AdminSupervisor:
     """Forks the admin child, relays for it, and replaces it when it dies."""
 
@@ -45,9 +394,7 @@ class AdminSupervisor:
         self.server = server
         self.read_terminal = read_terminal
         self.pid: int | None = None
-        self.channel: socket.socket | None = None
-        self._inbox = b""
-        self._outbox = b""
+        self.channel: LineChannel | None = None
         self._spawned_at = 0.0
         self._failures = 0
         self._respawn_at: float | None = None
@@ -65,26 +412,31 @@ class AdminSupervisor:
         except AdminStartError:
             self._abandon_child()
             raise
-        self.server.watch(self.channel, selectors.EVENT_READ, self._on_channel)
+        self._watch()
         self.server.on_child_exit = self.reap
         self.server.on_tick.append(self._maybe_respawn)
         self.server.on_shutdown.append(self.stop)
 
     def _first_message(self) -> dict[str, Any]:
         assert self.channel is not None
-        self.channel.settimeout(FIRST_READY_TIMEOUT)
+        self.channel.sock.settimeout(FIRST_READY_TIMEOUT)
         try:
-            while b"\n" not in self._inbox:
-                chunk = self.channel.recv(65536)
-                if not chunk:
-                    raise AdminStartError("the admin child exited during start-up")
-                self._inbox += chunk
+            line = self.channel.read_line()
         except TimeoutError:
             raise AdminStartError("the admin child did not start serving in time") from None
+        except OSError:
+            line = None
         finally:
-            self.channel.setblocking(False)
-        line, self._inbox = self._inbox.split(b"\n", 1)
-        return json.loads(line)
+            self.channel.sock.setblocking(False)
+        if line is None:
+            raise AdminStartError("the admin child exited during start-up")
+        try:
+            message = self.channel.decode(line)
+        except (ValueError, RecursionError):
+            message = None
+        if not isinstance(message, dict):
+            raise AdminStartError("the admin child said something unexpected at start-up")
+        return message
 
     def _abandon_child(self) -> None:
         """A first child that did not serve: end it, reap it, and leave no files behind."""
@@ -93,21 +445,20 @@ class AdminSupervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             self._reap(block=True)
-        control.remove_stale_files(self.server.settings.control)
+        files.remove_stale_files(self.server.settings.control)
 
     def _spawn(self) -> None:
         parent_end, child_end = socket.socketpair()
         for end in (parent_end, child_end):
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-        settings = self.server.settings.control
         pid = os.fork()
         if pid == 0:
-            _child_main(child_end, settings, self.read_terminal)
+            _child_main(child_end, self.server.settings.control, self.read_terminal)
         child_end.close()
+        parent_end.setblocking(False)
         self.pid = pid
-        self.channel = parent_end
+        self.channel = LineChannel(parent_end)
         self._spawned_at = time.monotonic()
-        self._inbox = self._outbox = b""
         log.info("admin_child_started", child_pid=pid)
 
     def reap(self) -> None:
@@ -131,7 +482,7 @@ class AdminSupervisor:
     def _child_gone(self, pid: int, status: int) -> None:
         self.pid = None
         if self.channel is not None:
-            self.server.unwatch(self.channel)
+            self.server.unwatch(self.channel.sock)
             self.channel.close()
             self.channel = None
         if self._stopping:
@@ -148,9 +499,7 @@ class AdminSupervisor:
             return
         self._respawn_at = None
         self._spawn()
-        assert self.channel is not None
-        self.channel.setblocking(False)
-        self.server.watch(self.channel, selectors.EVENT_READ, self._on_channel)
+        self._watch()
 
     def stop(self) -> None:
         """Graceful stop: end the child, reap it, remove the socket and FIFO."""
@@ -168,35 +517,39 @@ class AdminSupervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self._reap(block=True)
-        control.remove_files(self.server.settings.control)
+        files.remove_files(self.server.settings.control)
 
     # -- the relay ------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        channel = self.channel
+        if channel is None:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.pending else 0)
+        self.server.watch(channel.sock, events, self._on_channel)
 
     def _on_channel(self, mask: int) -> None:
         channel = self.channel
         if channel is None:
             return
         if mask & selectors.EVENT_WRITE:
-            self._flush()
+            self._send(None)
         if not mask & selectors.EVENT_READ:
             return
         try:
-            data = channel.recv(1 << 20)
-        except (BlockingIOError, InterruptedError):
-            return
+            still_open = channel.read()
         except OSError:
-            data = b""
-        if not data:  # the child is gone; SIGCHLD does the rest
-            self.server.unwatch(channel)
+            still_open = False
+        if not still_open:  # the child is gone; SIGCHLD does the rest
+            self.server.unwatch(channel.sock)
             return
-        self._inbox += data
-        while b"\n" in self._inbox:
-            line, self._inbox = self._inbox.split(b"\n", 1)
+        for line in channel.take_lines():
             self._handle_line(line)
 
     def _handle_line(self, line: bytes) -> None:
+        assert self.channel is not None
         try:
-            message = json.loads(line)
+            message = self.channel.decode(line)
         except (ValueError, RecursionError):  # the child checks requests; the room stays up
             message = None
         if not isinstance(message, dict):
@@ -209,141 +562,24 @@ class AdminSupervisor:
             return
         answer = execute(self.server, str(message.get("cmd")), message.get("args") or {})
         answer["id"] = message.get("id")
-        self._outbox += json.dumps(answer, default=str).encode() + b"\n"
-        self._flush()
+        self._send(answer)
 
-    def _flush(self) -> None:
+    def _send(self, message: dict[str, Any] | None) -> None:
+        """Send ``message`` (None: what waits) as far as the socketpair takes it now."""
         channel = self.channel
         if channel is None:
             return
         try:
-            sent = channel.send(self._outbox)
-            self._outbox = self._outbox[sent:]
-        except (BlockingIOError, InterruptedError):
-            pass
+            if message is not None:
+                channel.send(message)
+            else:
+                channel.flush()
         except OSError:
-            self._outbox = b""
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbox else 0)
-        self.server.watch(channel, events, self._on_channel)
-
-
-def _child_main(channel: socket.socket, settings: Any, read_terminal: bool) -> None:
-    """The admin child: keep only what it needs, serve, and never return into the daemon."""
-    code = 1
-    try:
-        signal.set_wakeup_fd(-1)
-        sink = log_mod.current_sink()
-        keep = {0, 1, 2, channel.fileno()}
-        if sink is not None and sink.fileno() is not None:
-            keep.add(sink.fileno())
-        close_all_open_files(exclude=keep)
-        with contextlib.suppress(Exception):
-            import setproctitle  # optional: shows what the process is in ps
-
-            setproctitle.setproctitle("chatd: admin child")
-        code = control.run_admin_child(settings, channel, os.getuid(), read_terminal)
-    except BaseException:  # noqa: BLE001 - the child must end here whatever happens
-        with contextlib.suppress(Exception):
-            log.exception("admin_child_crashed")
-    finally:
-        os._exit(code)
+            channel.discard_output()
+        self._watch()
 
 
 def _describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit {os.waitstatus_to_exitcode(status)}"
-
-
-# -- the commands -------------------------------------------------------------------------
-
-
-def _ok(result: Any = None) -> dict[str, Any]:
-    return {"ok": True, "result": result}
-
-
-def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
-
-
-def _text_arg(args: dict[str, Any], name: str) -> str | None:
-    value = args.get(name)
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def cmd_say(server: Server, args: dict[str, Any]) -> dict[str, Any]:
-    text = _text_arg(args, "text")
-    if text is None:
-        return _error("say needs a text")
-    try:
-        deliveries = server.room.admin_say(text)
-    except TextTooLong as exc:
-        return _error(f"text too long: {exc}")
-    server.log_room_events()  # before the deliveries, as the server does
-    server.deliver(deliveries)
-    return _ok({"users": len(server.room)})
-
-
-def cmd_who(server: Server, args: dict[str, Any]) -> dict[str, Any]:
-    now_wall, now = time.time(), time.monotonic()
-    return _ok([
-        {"name": s.name, "addr": format_addr(s.addr),
-         "login_time": _iso(now_wall - (now - s.joined_at)),
-         "idle": round(now - s.last_seen, 1), "keepalive": s.keepalive,
-         "verified": s.verified}
-        for s in server.room.sessions()
-    ])
-
-
-def cmd_kick(server: Server, args: dict[str, Any]) -> dict[str, Any]:
-    name = _text_arg(args, "name")
-    if name is None:
-        return _error("kick needs a name")
-    reason = _text_arg(args, "reason") or "kicked by the admin"
-    deliveries = server.room.kick(name, reason)
-    if deliveries is None:
-        return _error(f"no such user: {name}")
-    server.log_room_events()  # before the deliveries, as the server does
-    server.deliver(deliveries)
-    return _ok({"kicked": name, "reason": reason})
-
-
-def cmd_status(server: Server, args: dict[str, Any]) -> dict[str, Any]:
-    return _ok(server.status())
-
-
-def cmd_reload(server: Server, args: dict[str, Any]) -> dict[str, Any]:
-    ok, message = server.reload()
-    return _ok(message) if ok else _error(message)
-
-
-def cmd_plugins(server: Server, args: dict[str, Any]) -> dict[str, Any]:
-    return _ok(server.plugins.describe())
-
-
-COMMANDS: dict[str, Callable[[Server, dict[str, Any]], dict[str, Any]]] = {
-    "say": cmd_say,
-    "who": cmd_who,
-    "kick": cmd_kick,
-    "status": cmd_status,
-    "reload": cmd_reload,
-    "plugins": cmd_plugins,
-}
-
-
-def execute(server: Server, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run one admin request; never raises (an error is an answer)."""
-    handler = COMMANDS.get(cmd)
-    if handler is None:
-        return _error(f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})")
-    if not isinstance(args, dict):
-        return _error("args must be a mapping")
-    try:
-        return handler(server, args)
-    except Exception as exc:  # an admin request must not stop the room either
-        log.exception("admin_command_failed", cmd=cmd)
-        return _error(f"internal error: {exc}")
-
-
-def _iso(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

@@ -21,15 +21,18 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import structlog
 
-from chatd import control, safefs, systemd
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
+from chatd import safefs, systemd
 from chatd.admin import AdminStartError, AdminSupervisor
 from chatd.config import Settings, describe_reload
+from chatd.control import files, peers
+from chatd.control.client import ControlError, daemon_uid, request
 from chatd.pidfile import PidFile, State
 from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
 
@@ -160,7 +163,7 @@ def preflight(settings: Settings) -> tuple[int, int] | None:
     """
     identity = resolve_identity(settings)
     try:
-        control.group_members(settings.control.group)
+        peers.group_members(settings.control.group)
     except OSError as exc:
         raise StartError(str(exc.strerror), "control.group") from None
     path = settings.runtime_dir
@@ -244,7 +247,8 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
     return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default)
 
 
-def _serve(prepared: Prepared, notifier: systemd.Notifier, on_ready=None) -> int:
+def _serve(prepared: Prepared, notifier: systemd.Notifier,
+           on_ready: Callable[[], None] | None = None) -> int:
     """The daemon proper, shared by ``run`` and ``start``.
 
     Releasing the pidfile is its very last act: ``stop`` returns, and ``restart``
@@ -448,8 +452,8 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
         outcome = f"ERROR the daemon did not become ready within {limit:g} s"
         if daemon_pid is not None:
             _kill_quietly(daemon_pid, signal.SIGKILL)
-    if _wait_unlocked(settings.pidfile, 5.0):
-        _remove_stale(settings)  # a killed or crashed daemon could not remove it
+    if wait_unlocked(settings.pidfile, 5.0):
+        remove_stale(settings)  # a killed or crashed daemon could not remove it
     _reap_children()
     log_mod.print_stderr(f"chatd: {outcome.removeprefix('ERROR ')}")
     return 1
@@ -466,8 +470,8 @@ def _kill_quietly(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def _wait_unlocked(path: str, timeout: float) -> bool:
-    """Bounded poll until nobody holds the pidfile lock."""
+def wait_unlocked(path: str, timeout: float) -> bool:
+    """Bounded poll until nobody holds the pidfile lock (reaping what ``start`` forked)."""
     deadline = time.monotonic() + timeout
     while True:
         if pidfile_mod.probe(path).state is not State.RUNNING:
@@ -476,6 +480,26 @@ def _wait_unlocked(path: str, timeout: float) -> bool:
             return False
         _reap_children()
         time.sleep(0.02)
+
+
+def remove_stale(settings: Settings, control_files: bool = False) -> None:
+    """Remove what a SIGKILLed daemon left: its pidfile, so that status says "stopped",
+    and (``control_files``: it was ours, it served them) the control socket and FIFO.
+
+    Holding the pidfile lock meanwhile makes this safe against a daemon starting at
+    the same moment: it cannot get past acquire(), and release() only removes the
+    pidfile if it is still the one we locked.
+    """
+    stale = PidFile(settings.pidfile)
+    try:
+        stale.acquire()
+    except (pidfile_mod.AlreadyRunning, OSError):
+        return
+    try:
+        if control_files:
+            files.remove_files(settings.control)
+    finally:
+        stale.release()
 
 
 # -- chatd stop / status / reload -----------------------------------------------------
@@ -560,7 +584,7 @@ def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
         return 1
     except PermissionError:
         return _denied(found.pid)
-    if _wait_unlocked(settings.pidfile, timeout):
+    if wait_unlocked(settings.pidfile, timeout):
         print(f"chatd stopped (pid {pid})")
         return 0
     if kill:
@@ -576,33 +600,13 @@ def stop(settings: Settings, timeout: float = 10.0, kill: bool = False) -> int:
             return 1
         except PermissionError:
             return _denied(pid)
-        if _wait_unlocked(settings.pidfile, 5.0):
-            _remove_stale(settings, control_files=True)
+        if wait_unlocked(settings.pidfile, 5.0):
+            remove_stale(settings, control_files=True)
             print(f"chatd killed (pid {pid}) after {timeout:g} s")
             return 0
     log_mod.print_stderr(f"chatd: pid {pid} did not stop within {timeout:g} s"
                          + ("" if kill else "; use 'chatd stop --kill' to send SIGKILL"))
     return 1
-
-
-def _remove_stale(settings: Settings, control_files: bool = False) -> None:
-    """Remove what a SIGKILLed daemon left: its pidfile, so that status says "stopped",
-    and (``control_files``: it was ours, it served them) the control socket and FIFO.
-
-    Holding the pidfile lock meanwhile makes this safe against a daemon starting at
-    the same moment: it cannot get past acquire(), and release() only removes the
-    pidfile if it is still the one we locked.
-    """
-    stale = PidFile(settings.pidfile)
-    try:
-        stale.acquire()
-    except (pidfile_mod.AlreadyRunning, OSError):
-        return
-    try:
-        if control_files:
-            control.remove_files(settings.control)
-    finally:
-        stale.release()
 
 
 def process_uptime(pid: int) -> float | None:
@@ -627,22 +631,12 @@ def format_duration(seconds: float) -> str:
     return " ".join(shown[:2])
 
 
-def daemon_uid(settings: Settings) -> int | None:
-    """The uid of ``daemon.user``, whose control socket ``chatd`` and ``chatctl`` trust."""
-    if settings.daemon.user is None:
-        return None
-    try:
-        return pwd.getpwnam(settings.daemon.user).pw_uid
-    except KeyError:
-        return None
-
-
 def _control_request(settings: Settings, cmd: str) -> tuple[dict | None, str]:
     """The daemon's answer through the control channel, or None and why it was not reached."""
     try:
-        return control.request(settings.control.socket, cmd, timeout=5.0,
-                               daemon_uid=daemon_uid(settings)), ""
-    except control.ControlError as exc:
+        return request(settings.control.socket, cmd, timeout=5.0,
+                       daemon_uid=daemon_uid(settings)), ""
+    except ControlError as exc:
         return None, str(exc)
 
 

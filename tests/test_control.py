@@ -18,7 +18,9 @@ import pytest
 import yaml
 from helpers import Notifications, UdpUser, wait_for, write_config
 
-from chatd import control
+from chatd.control import channel
+from chatd.control.client import request
+from chatd.control.files import MAX_CONNECTIONS
 from chatd.log import BOUNDED_BURST, BOUNDED_PER_SECOND
 
 
@@ -346,8 +348,8 @@ def events_named(server, name):
     return [e for e in server.log_events() if e["event"] == name]
 
 
-def test_line_splitter_drops_an_over_long_line_whole():
-    splitter = control.LineSplitter(limit=8)
+def test_line_buffer_drops_an_over_long_line_whole():
+    splitter = channel.LineBuffer(limit=8)
     assert splitter.feed(b"say hi\nsay") == ([b"say hi"], 0)
     assert splitter.feed(b" 12345") == ([], 1)  # "say 12345" is 9 bytes: from here on dropped
     assert splitter.feed(b"kick bob") == ([], 0)  # still the same line, never a line of its own
@@ -383,9 +385,9 @@ def test_fifo_never_runs_the_tail_of_an_over_long_line(users, chatd, padding):
 def test_fifo_line_at_the_limit_is_run(users, chatd):
     alice = users("alice")
     fifo = chatd.runtime_dir / "control.fifo"
-    at_limit = b"say hi" + b" " * (control.MAX_REQUEST - len(b"say hi"))
+    at_limit = b"say hi" + b" " * (channel.MAX_REQUEST - len(b"say hi"))
     write_fifo(fifo, at_limit + b"\n")
-    write_fifo(fifo, b"say no" + b" " * (control.MAX_REQUEST + 1 - len(b"say no")) + b"\n")
+    write_fifo(fifo, b"say no" + b" " * (channel.MAX_REQUEST + 1 - len(b"say no")) + b"\n")
     write_fifo(fifo, b"say after\n")
     assert alice.recv_text() == "\nadmin says: hi"
     assert alice.recv_text() == "\nadmin says: after"
@@ -398,7 +400,7 @@ def test_fifo_line_at_the_limit_is_run(users, chatd):
     ("[" * 10_000, 10_000),
 ])
 def test_nesting_depth_matches_the_parser(text, depth):
-    assert control.nesting_depth(text) == depth
+    assert channel.nesting_depth(text) == depth
 
 
 def test_deeply_nested_request_is_answered_and_the_child_lives(chatd):
@@ -412,8 +414,8 @@ def test_deeply_nested_request_is_answered_and_the_child_lives(chatd):
     assert huge["ok"] is False and "larger than" in huge["error"]
     deep = status_with(b"[" * 30_000 + b"]" * 30_000)  # well within the size limit
     assert deep["ok"] is False
-    assert f"nested deeper than {control.MAX_DEPTH} levels" in deep["error"]
-    inner = control.MAX_DEPTH - 2  # the request object and its args are two levels
+    assert f"nested deeper than {channel.MAX_DEPTH} levels" in deep["error"]
+    inner = channel.MAX_DEPTH - 2  # the request object and its args are two levels
     assert status_with(b"[" * inner + b"]" * inner)["ok"] is True
     over = status_with(b"[" * (inner + 1) + b"]" * (inner + 1))
     assert over["ok"] is False and "nested deeper" in over["error"]
@@ -426,11 +428,11 @@ def test_idle_connections_do_not_lock_chatctl_out(chatd):
     path = str(chatd.runtime_dir / "control.sock")
     held = []
     try:
-        for _ in range(control.MAX_CONNECTIONS):
+        for _ in range(MAX_CONNECTIONS):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(path)
             held.append(sock)
-        answer = control.request(path, "status")
+        answer = request(path, "status")
         assert answer["ok"] is True, answer
         held[0].settimeout(5)
         notice = json.loads(held[0].recv(65536))  # the oldest idle one made room

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import UdpUser, wait_for
 
-from chatd import control
+from chatd.control.client import request
 from chatd.log import Sink
 
 FAKETIME_LIBS = [Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
@@ -303,7 +303,7 @@ def test_a_stopped_loop_expires_nobody_and_delivers_what_was_queued(make_chatd):
     alice, bob = pair(server)
 
     def server_uptime() -> float:
-        return control.request(control_socket, "status")["result"]["uptime"]
+        return request(control_socket, "status")["result"]["uptime"]
 
     try:
         assert alice.ping() == b"PONG" and bob.ping() == b"PONG"  # both can time out now
@@ -320,7 +320,7 @@ def test_a_stopped_loop_expires_nobody_and_delivers_what_was_queued(make_chatd):
         resumed = server_uptime()
         wait_for(lambda: server_uptime() - resumed > 1.5, timeout=10, what="a tick of the server")
         assert alice.ping() == b"PONG" and bob.ping() == b"PONG"
-        who = control.request(control_socket, "who")
+        who = request(control_socket, "who")
         assert sorted(user["name"] for user in who["result"]) == ["alice", "bob"]
         assert [text for text in alice.drain() + bob.drain() if b"left the room" in text] == []
         assert status(server)["counters"]["loop_stalls"] >= 1

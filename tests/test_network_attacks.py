@@ -136,6 +136,6 @@ def _until_pong(user: UdpUser) -> list[bytes]:
 
 
 def _users(server) -> list:
-    from chatd import control
+    from chatd.control.client import request
 
-    return control.request(str(server.runtime_dir / "control.sock"), "who")["result"]
+    return request(str(server.runtime_dir / "control.sock"), "who")["result"]

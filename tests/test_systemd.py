@@ -34,7 +34,7 @@ import yaml
 from helpers import CHATD, ChatdProcess, UdpUser, free_udp_port, wait_for, write_config
 
 from chatd import config as config_mod
-from chatd.control import request
+from chatd.control.client import request
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import pwd
 import sys
 from typing import Any
 
 from chatd import __version__
 from chatd import config as config_mod
 from chatd import log as log_mod
-from chatd.control import ControlError, request
+from chatd.control.client import ControlError, daemon_uid, request
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 1, 2, 3, 4
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd, cmd_args = _request(args)
     try:
         answer = request(path, cmd, cmd_args, timeout=args.timeout,
-                         daemon_uid=_daemon_uid(settings))
+                         daemon_uid=daemon_uid(settings))
     except ControlError as exc:
         if exc.denied:
             log_mod.print_stderr(f"chatctl: {exc}")
@@ -90,14 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(HUMAN[cmd](result))
     return 0
-
-
-def _daemon_uid(settings: config_mod.Settings | None) -> int | None:
-    user = settings.daemon.user if settings is not None else None
-    try:
-        return pwd.getpwnam(user).pw_uid if user else None
-    except KeyError:
-        return None
 
 
 def _who(users: list[dict[str, Any]]) -> str:
