@@ -10,6 +10,7 @@ import yaml
 from chatd import __version__, daemon
 from chatd import config as config_mod
 from chatd import log as log_mod
+from chatd.cli import verbs
 
 EXIT_USAGE = 2
 
@@ -102,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "start":
         return daemon.start(settings, path)
     if args.command == "stop":
-        return daemon.stop(settings, args.timeout, args.kill)
+        return verbs.stop(settings, args.timeout, args.kill)
     if args.command == "reload":
-        return daemon.reload(settings)
+        return verbs.reload(settings)
     if args.command == "restart":
-        stopped = daemon.stop(settings, args.timeout, args.kill)
+        stopped = verbs.stop(settings, args.timeout, args.kill)
         return stopped if stopped != 0 else daemon.start(settings, path)
-    return daemon.status(settings)
+    return verbs.status(settings)
 
 
 if __name__ == "__main__":
