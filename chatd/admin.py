@@ -8,15 +8,18 @@ number at once) and relays requests to the daemon as JSON lines over a
 socketpair (:mod:`chatd.control.channel`). A slow or hostile peer costs the
 child, never the room.
 
-The daemon never touches the control socket itself; :class:`AdminSupervisor`
+The daemon never touches the control socket itself; :class:`AdminService`
 only reads the socketpair, so nothing a local peer does can stall the room.
-The child is reaped on SIGCHLD and forked again, with backoff when it keeps
-dying. No zombie is ever left: every fork is waited for.
+The service's child is reaped through the server's one ``waitpid`` loop
+(:mod:`chatd.services`) and forked again, with backoff when it keeps dying
+or the fork itself fails. A child that is alive but stopped answering (a
+heartbeat over the socketpair) is killed and replaced too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import selectors
 import signal
@@ -37,6 +40,7 @@ from chatd.control.channel import MAX_REQUEST, LineBuffer, LineChannel, encode
 from chatd.control.files import MAX_CONNECTIONS
 from chatd.control.peers import group_members, peer_allowed, peer_credentials
 from chatd.server import Server
+from chatd.services import Backoff, Service, describe_status
 
 log = structlog.get_logger("chatd")
 
@@ -45,8 +49,12 @@ CONNECTION_TIMEOUT = 5.0
 LINE_VERBS = {"say": ("text",), "kick": ("name", "reason"), "reload": ()}
 
 FIRST_READY_TIMEOUT = 10.0
-STABLE_AFTER = 10.0  # a child that lived this long resets the backoff
-MAX_BACKOFF = 30.0
+#: The daemon asks the child for a sign of life this often over the socketpair...
+HEARTBEAT_SECONDS = 2.0
+#: ...and replaces it when this many questions in a row went unanswered.
+HEARTBEAT_MISSES = 3
+#: How long a stopping daemon waits for the child to end on SIGTERM before SIGKILL.
+STOP_TIMEOUT = 5.0
 
 
 class AdminStartError(Exception):
@@ -185,6 +193,9 @@ class AdminChild:
             raise SystemExit(0)
         for line in self._daemon.take_lines():
             answer = self._daemon.decode(line)
+            if answer.get("event") == "ping":  # the daemon's heartbeat: we are alive
+                self._send_daemon({"event": "pong", "seq": answer.get("seq")})
+                continue
             peer_fd = self._pending.pop(answer.pop("id", None), None)
             if peer_fd is None:
                 if not answer.get("ok"):
@@ -387,8 +398,10 @@ def _child_main(channel: socket.socket, settings: ControlSettings, read_terminal
 # -- the daemon's side ------------------------------------------------------------------
 
 
-class AdminSupervisor:
-    """Forks the admin child, relays for it, and replaces it when it dies."""
+class AdminService(Service):
+    """Forks the admin child, relays for it, and replaces it when it dies or hangs."""
+
+    name = "admin"
 
     def __init__(self, server: Server, read_terminal: bool = False):
         self.server = server
@@ -396,15 +409,31 @@ class AdminSupervisor:
         self.pid: int | None = None
         self.channel: LineChannel | None = None
         self._spawned_at = 0.0
-        self._failures = 0
+        self._backoff = Backoff(first=0.5, most=30.0, stable_after=10.0)
         self._respawn_at: float | None = None
         self._stopping = False
+        self._next_ping = math.inf
+        self._ping_seq = 0
+        self._awaiting_pong = False
+        self._unanswered = 0  # heartbeats in a row the child did not answer
+        self._unanswered_since = 0.0
+        self._child_closed = False  # the child closed its end: it is exiting
+
+    def pids(self) -> tuple[int, ...]:
+        return (self.pid,) if self.pid is not None else ()
+
+    def status(self) -> dict[str, Any]:
+        return {"admin_child_pid": self.pid}
 
     # -- life cycle ----------------------------------------------------------------
 
     def start(self) -> None:
         """Fork the first child and wait until it serves; raises :class:`AdminStartError`."""
-        self._spawn()
+        try:
+            self._spawn()
+        except OSError as exc:
+            raise AdminStartError(f"cannot start the admin child: {exc.strerror or exc}"
+                                  ) from None
         try:
             first = self._first_message()
             if first.get("event") != "ready":
@@ -413,9 +442,6 @@ class AdminSupervisor:
             self._abandon_child()
             raise
         self._watch()
-        self.server.on_child_exit = self.reap
-        self.server.on_tick.append(self._maybe_respawn)
-        self.server.on_shutdown.append(self.stop)
 
     def _first_message(self) -> dict[str, Any]:
         assert self.channel is not None
@@ -449,75 +475,129 @@ class AdminSupervisor:
 
     def _spawn(self) -> None:
         parent_end, child_end = socket.socketpair()
-        for end in (parent_end, child_end):
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-        pid = os.fork()
+        try:
+            for end in (parent_end, child_end):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            pid = os.fork()
+        except BaseException:
+            parent_end.close()
+            child_end.close()
+            raise
         if pid == 0:
             _child_main(child_end, self.server.settings.control, self.read_terminal)
         child_end.close()
         parent_end.setblocking(False)
         self.pid = pid
         self.channel = LineChannel(parent_end)
+        self._child_closed = False
         self._spawned_at = time.monotonic()
+        self._next_ping = self._spawned_at + HEARTBEAT_SECONDS
+        self._awaiting_pong = False
+        self._unanswered = 0
         log.info("admin_child_started", child_pid=pid)
 
-    def reap(self) -> None:
-        """SIGCHLD: collect every exited child; plan a new admin child if ours died."""
-        self._reap(block=False)
-
-    def _reap(self, block: bool) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid != self.pid:
-                continue
-            self._child_gone(pid, status)
-            if block:
-                return
-
-    def _child_gone(self, pid: int, status: int) -> None:
+    def child_exited(self, pid: int, status: int | None) -> None:
+        """Our child is gone (the server reaped it): plan the next one, with backoff."""
+        if pid != self.pid:
+            return
         self.pid = None
+        self._next_ping = math.inf
         if self.channel is not None:
             self.server.unwatch(self.channel.sock)
             self.channel.close()
             self.channel = None
         if self._stopping:
             return
-        lived = time.monotonic() - self._spawned_at
-        self._failures = 1 if lived >= STABLE_AFTER else self._failures + 1
-        delay = min(MAX_BACKOFF, 0.5 * 2 ** (self._failures - 1))
+        delay = self._backoff.next_delay(lasted=time.monotonic() - self._spawned_at)
         self._respawn_at = time.monotonic() + delay
-        log.warning("admin_child_exited", child_pid=pid, status=_describe_status(status),
+        log.warning("admin_child_exited", child_pid=pid,
+                    status=describe_status(status) if status is not None else "unknown",
                     respawn_in=round(delay, 1))
 
-    def _maybe_respawn(self, now: float) -> None:
-        if self._respawn_at is None or now < self._respawn_at or self._stopping:
+    def tick(self, now: float) -> None:
+        if self._stopping:
             return
+        if self.pid is None:
+            if self._respawn_at is not None and now >= self._respawn_at:
+                self._respawn(now)
+        elif now >= self._next_ping:
+            self._heartbeat(now)
+
+    def _respawn(self, now: float) -> None:
+        """Fork a new child; when that fails (EAGAIN at RLIMIT_NPROC, ENOMEM, EMFILE),
+        say so and try again later, with backoff: the room goes on meanwhile."""
+        try:
+            self._spawn()
+        except OSError as exc:
+            self._retry_later(now, exc.strerror or str(exc))
+            return
+        except Exception as exc:
+            self._retry_later(now, repr(exc))
+            raise  # the server's guard logs where it came from
         self._respawn_at = None
-        self._spawn()
         self._watch()
+
+    def _retry_later(self, now: float, error: str) -> None:
+        delay = self._backoff.next_delay()
+        self._respawn_at = now + delay
+        log.error("admin_child_fork_failed", error=error, retry_in=round(delay, 1))
+
+    def _heartbeat(self, now: float) -> None:
+        """Ask the child for a sign of life; replace it after ``HEARTBEAT_MISSES`` silences.
+
+        What the child said meanwhile is read first: if the daemon itself stood
+        still (SIGSTOP, a slow reload), the answers wait in the socketpair and
+        count. Silences are counted per question, never by the clock alone.
+        """
+        self._receive()
+        if self._child_closed:  # it is exiting: SIGCHLD does the rest
+            return
+        self._next_ping = now + HEARTBEAT_SECONDS
+        if self._awaiting_pong:
+            self._unanswered += 1
+            if self._unanswered >= HEARTBEAT_MISSES:
+                log.error("admin_child_hung", child_pid=self.pid, unanswered=self._unanswered,
+                          seconds=round(now - self._unanswered_since, 1))
+                self._next_ping = math.inf  # it is being replaced: ask no more
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)  # SIGCHLD: reaped, then replaced
+                return
+        else:
+            self._unanswered_since = now
+        self._ping_seq += 1
+        self._awaiting_pong = True
+        self._send({"event": "ping", "seq": self._ping_seq})
 
     def stop(self) -> None:
         """Graceful stop: end the child, reap it, remove the socket and FIFO."""
         self._stopping = True
         pid = self.pid
         if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5.0
-            while self.pid is not None and time.monotonic() < deadline:
-                self._reap(block=False)
-                if self.pid is not None:
-                    time.sleep(0.01)
+            for signum in (signal.SIGTERM, signal.SIGCONT):  # a stopped child ends too
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while not self._reap(block=False) and time.monotonic() < deadline:
+                time.sleep(0.01)
             if self.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self._reap(block=True)
         files.remove_files(self.server.settings.control)
+
+    def _reap(self, block: bool) -> bool:
+        """Wait for our own child, never another's; True once it is gone."""
+        pid = self.pid
+        if pid is None:
+            return True
+        try:
+            done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # reaped already: its status is lost
+            done, status = pid, None
+        if done == 0:
+            return False
+        self.child_exited(pid, status)
+        return True
 
     # -- the relay ------------------------------------------------------------------
 
@@ -534,13 +614,19 @@ class AdminSupervisor:
             return
         if mask & selectors.EVENT_WRITE:
             self._send(None)
-        if not mask & selectors.EVENT_READ:
+        if mask & selectors.EVENT_READ:
+            self._receive()
+
+    def _receive(self) -> None:
+        channel = self.channel
+        if channel is None:
             return
         try:
             still_open = channel.read()
         except OSError:
             still_open = False
         if not still_open:  # the child is gone; SIGCHLD does the rest
+            self._child_closed = True
             self.server.unwatch(channel.sock)
             return
         for line in channel.take_lines():
@@ -556,6 +642,10 @@ class AdminSupervisor:
             log.error("admin_channel_garbage")
             return
         if "event" in message:
+            if message["event"] == "pong":
+                self._awaiting_pong = False
+                self._unanswered = 0
+                return
             level = log.info if message["event"] == "ready" else log.error
             level("admin_child_" + str(message["event"]), **{k: v for k, v in message.items()
                                                             if k != "event"})
@@ -567,19 +657,13 @@ class AdminSupervisor:
     def _send(self, message: dict[str, Any] | None) -> None:
         """Send ``message`` (None: what waits) as far as the socketpair takes it now."""
         channel = self.channel
-        if channel is None:
+        if channel is None or self._child_closed:
             return
         try:
             if message is not None:
                 channel.send(message)
             else:
                 channel.flush()
-        except OSError:
+        except OSError:  # the child is gone; SIGCHLD does the rest
             channel.discard_output()
         self._watch()
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit {os.waitstatus_to_exitcode(status)}"

@@ -29,11 +29,12 @@ import structlog
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
 from chatd import safefs, systemd
-from chatd.admin import AdminStartError, AdminSupervisor
+from chatd.admin import AdminService, AdminStartError
 from chatd.config import Settings
 from chatd.control import files, peers
 from chatd.pidfile import PidFile, State
 from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
+from chatd.services import Service
 
 log = structlog.get_logger("chatd")
 
@@ -263,15 +264,13 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier,
                         config_path=prepared.config_path)
         server.log_file_default = prepared.log_file_default
         server.install_signals()
-        server.admin = AdminSupervisor(server, read_terminal=on_ready is None and _stdin_is_tty())
+        server.add_service(PidfileKeeper(prepared.pidfile))
         try:
-            server.admin.start()
+            server.add_service(AdminService(
+                server, read_terminal=on_ready is None and _stdin_is_tty()))
         except AdminStartError as exc:
             raise StartError(str(exc)) from None
-        server.on_tick.append(lambda now: _keep_pidfile(prepared.pidfile))
-        if on_ready is not None:
-            server.on_ready.append(on_ready)
-        return server.serve()
+        return server.serve(ready=on_ready)
     finally:
         prepared.sock.close()  # the port first: it must be free once the lock is
         prepared.pidfile.release()
@@ -287,12 +286,20 @@ def _check_log_reopenable(settings: Settings) -> None:
                     "give chatd's user write access to the directory, or use copytruncate")
 
 
-def _keep_pidfile(pidfile: PidFile) -> None:
-    try:
-        if pidfile.keep_published(os.getpid()):
-            log.warning("pidfile_recreated", pidfile=pidfile.path)
-    except OSError as exc:
-        log.error("pidfile_lost", pidfile=pidfile.path, error=exc.strerror)
+class PidfileKeeper(Service):
+    """Publishes the pidfile again, each tick, when it was removed (runtime_dir wiped)."""
+
+    name = "pidfile"
+
+    def __init__(self, pidfile: PidFile):
+        self.pidfile = pidfile
+
+    def tick(self, now: float) -> None:
+        try:
+            if self.pidfile.keep_published(os.getpid()):
+                log.warning("pidfile_recreated", pidfile=self.pidfile.path)
+        except OSError as exc:
+            log.error("pidfile_lost", pidfile=self.pidfile.path, error=exc.strerror)
 
 
 def _stdin_is_tty() -> bool:

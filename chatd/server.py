@@ -1,9 +1,11 @@
-"""The event loop: one selectors loop over the UDP socket, signals and the admin channel.
+"""The event loop: one selectors loop over the UDP socket, signals and what services watch.
 
 It is thin on purpose. The room decides, the loop applies: each datagram
 becomes deliveries (a payload encoded once, and its addresses) that the loop
 sends with ``sendto``. Signals arrive as bytes on a wakeup socket and are
-handled between datagrams, never inside a handler.
+handled between datagrams, never inside a handler. What runs beside the room
+(the admin child, the pidfile) are services (:mod:`chatd.services`): the loop
+ticks them, reaps every child and hands it to the service that forked it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from chatd.batchsend import DEFERRED_ERRNOS, UNREPORTED, errno_name, send_to_man
 from chatd.config import ListenSettings, Settings
 from chatd.plugins import PluginManager
 from chatd.room import Delivery, Room
+from chatd.services import Service, describe_status
 from chatd.systemd import Notifier
 
 log = structlog.get_logger("chatd")
@@ -144,16 +147,11 @@ class Server:
         self._next_tick = 0.0
         self._next_watchdog = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
-        #: the admin child's supervisor (chatd.admin), once started
-        self.admin: Any = None
-        #: called on each SIGCHLD; the admin channel supervises its child here
-        self.on_child_exit: Callable[[], None] | None = None
-        #: called after the room said goodbye, before the loop closes
-        self.on_shutdown: list[Callable[[], None]] = []
-        #: called on every tick of the loop: once a second (more often for a short watchdog)
-        self.on_tick: list[Callable[[float], None]] = []
-        #: called once the room is serving (the readiness pipe of ``chatd start``)
-        self.on_ready: list[Callable[[], None]] = []
+        #: what runs beside the room, in the order started (see :meth:`add_service`)
+        self.services: list[Service] = []
+        # what the loop itself can fail at, each kind logged at a bounded rate
+        self._loop_logs = log_mod.BoundedLog(log, {"service_failed": "exception",
+                                                   "unknown_child_exited": "warning"})
         #: the log file used when the file sets none (``chatd start`` has one), kept on reload
         self.log_file_default: str | None = None
 
@@ -178,14 +176,23 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fileobj)
 
+    def add_service(self, service: Service) -> None:
+        """Start ``service`` now (an error goes to the caller: start-up fails) and run it
+        with the loop from then on: ticked, told of its children's exits, stopped last."""
+        service.start()
+        self.services.append(service)
+
     @property
     def address(self) -> str:
         return format_addr(self.sock.getsockname())
 
     # -- the loop -------------------------------------------------------------
 
-    def serve(self) -> int:
-        """Run until SIGTERM/SIGINT (or :meth:`stop`); returns the exit status."""
+    def serve(self, ready: Callable[[], None] | None = None) -> int:
+        """Run until SIGTERM/SIGINT (or :meth:`stop`); returns the exit status.
+
+        ``ready`` is called once the room serves (the readiness pipe of ``chatd start``).
+        """
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
         self.plugins.startup()
         self.deliver(self.room.take_output())
@@ -193,8 +200,8 @@ class Server:
         log.info("server_started", host=host, port=port, pid=os.getpid(),
                  config=self.config_path)
         self.notifier.ready(self.status_line())
-        for callback in self.on_ready:
-            callback()
+        if ready is not None:
+            ready()
         listened = time.monotonic()  # the loop was waiting for input until then
         while self._stop_reason is None:
             now = time.monotonic()
@@ -227,8 +234,8 @@ class Server:
         if interval and now >= self._next_watchdog:
             self._next_watchdog = now + interval
             self.notifier.notify(WATCHDOG=1, STATUS=self.status_line())
-        for callback in self.on_tick:
-            callback(now)
+        for service in self.services:
+            self._guarded(service, "tick", service.tick, now)
 
     def _catch_up(self, stalled: float) -> None:
         """The loop did not run for ``stalled`` seconds. That is no client's silence,
@@ -406,10 +413,43 @@ class Server:
         for signum in (signal.SIGTERM, signal.SIGINT):
             if signum in received:
                 self.stop(signal.Signals(signum).name)
-        if signal.SIGCHLD in received and self.on_child_exit is not None:
-            self.on_child_exit()
+        if signal.SIGCHLD in received:
+            self._reap_children()
         if signal.SIGHUP in received and self._stop_reason is None:
             self.reload()
+
+    def _reap_children(self) -> None:
+        """Collect every child that exited, and tell the service that forked it.
+
+        The one ``waitpid`` of the daemon, as in gunicorn's arbiter: no service
+        waits for "any child" (it would take another's), and a child nobody
+        claims (a plugin's subprocess left behind) is reaped and logged, so
+        none stays a zombie. A plugin that runs a command should wait for it
+        in its hook (``subprocess.run``): the loop reaps only between hooks.
+        """
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            owner = next((s for s in self.services if pid in s.pids()), None)
+            if owner is None:
+                self._loop_logs("unknown_child_exited", child_pid=pid,
+                                status=describe_status(status))
+            else:
+                self._guarded(owner, "child_exited", owner.child_exited, pid, status)
+
+    def _guarded(self, service: Service, what: str, call: Callable[..., None],
+                 *args: Any) -> None:
+        """A service's call under the datagrams' guard: a failure is counted and logged
+        (with its traceback, at a bounded rate), and the room goes on."""
+        try:
+            call(*args)
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self._loop_logs("service_failed", service=service.name, call=what)
 
     def reload(self) -> tuple[bool, str | dict[str, Any]]:
         """Re-read the config file; on any error keep running as before and say why.
@@ -485,9 +525,9 @@ class Server:
             "send_errors": dict(self.send_errors),
             "kernel_drops": self.kernel_drops(),
             "backlog": self._backlog_size,
-            "admin_child_pid": self.admin.pid if self.admin is not None else None,
             "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
             "log_write_errors": _log_write_errors(),
+            **{key: value for service in self.services for key, value in service.status().items()},
         }
 
     def status_line(self) -> str:
@@ -502,8 +542,8 @@ class Server:
         self.log_room_events()
         self.deliver(deliveries)
         self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
-        for callback in self.on_shutdown:
-            callback()
+        for service in reversed(self.services):
+            self._guarded(service, "stop", service.stop)
         signal.set_wakeup_fd(-1)
         self.selector.close()
 

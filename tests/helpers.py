@@ -137,8 +137,11 @@ class ChatdProcess:
     """``chatd run`` in a subprocess, ready when it says READY=1."""
 
     def __init__(self, directory: Path, overrides: dict | None = None,
-                 env: dict[str, str] | None = None, port: int | None = None):
+                 env: dict[str, str] | None = None, port: int | None = None,
+                 wrapper: list[str] | None = None):
         self.directory = directory
+        #: a command that runs chatd's argv after it (as ``sh -c '...; exec "$@"' sh``)
+        self.wrapper = wrapper or []
         self.config = write_config(directory, overrides, port)
         data = yaml.safe_load(self.config.read_text())
         self.port: int = data["listen"]["port"]
@@ -155,7 +158,7 @@ class ChatdProcess:
 
     def start(self, timeout: float = 15.0) -> ChatdProcess:
         self.proc = subprocess.Popen(
-            [*CHATD, "run", "-c", str(self.config)], env=self.env,
+            [*self.wrapper, *CHATD, "run", "-c", str(self.config)], env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while True:

@@ -9,5 +9,6 @@ every hop speaks JSON lines (:mod:`chatd.control.channel`). Request
 ``{"cmd": "say", "args": {"text": "hi"}}``; answer ``{"ok": true, "result":
 ...}`` or ``{"ok": false, "error": "..."}``. On the socketpair the child adds
 an ``"id"`` that the daemon echoes back, and ``{"event": ...}`` lines say
-what the child does (``ready``, ``error``).
+what the child does (``ready``, ``error``) and keep its heartbeat (``ping``,
+``pong``).
 """
