@@ -32,6 +32,7 @@ from chatd import safefs, systemd
 from chatd.admin import AdminService, AdminStartError
 from chatd.config import Settings
 from chatd.control import files, peers
+from chatd.control.channel import LineBuffer
 from chatd.pidfile import PidFile, State
 from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
 from chatd.services import Service
@@ -413,7 +414,7 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
 def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
     """Wait for the daemon's word on the pipe, reaping the forks in between."""
     deadline = time.monotonic() + settings.daemon.start_timeout
-    buffer = b""
+    lines = LineBuffer(limit=None)
     daemon_pid: int | None = None
     leader: int | None = None
     outcome: str | None = None
@@ -430,9 +431,7 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
             if not chunk:
                 outcome = outcome or "ERROR the daemon exited during start-up (see the log)"
                 break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+            for line in lines.feed(chunk)[0]:
                 text = line.decode(errors="replace")
                 if text.startswith("PID "):
                     daemon_pid, leader = _parse_pid_line(text)
