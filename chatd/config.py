@@ -231,8 +231,9 @@ def _field_default(key: str) -> Any:
 DEFAULTS: Mapping[str, Any] = MappingProxyType({
     key: DERIVED[key][0] if key in DERIVED else _field_default(key) for key in SCHEMA})
 
-#: Keys read once at start-up; a reload that changes them keeps the old value.
-RESTART_ONLY = ("listen.", "runtime_dir", "daemon.", "control.")
+#: Keys read once at start-up; a reload that changes them keeps the old value. A
+#: name without a dot is a whole section (or a top-level key).
+RESTART_ONLY = ("listen", "runtime_dir", "daemon", "control")
 
 #: Keys whose value is a file mode, written in octal.
 OCTAL_KEYS = frozenset(key for key, check in SCHEMA.items() if check is _mode)
@@ -577,10 +578,29 @@ def locate(path: str | None, *, check_plugins: PluginCheck | None = None,
         raise error from None
 
 
+def needs_restart(key: str) -> bool:
+    """Whether ``key`` (``listen.port``) is read only at start-up: see :data:`RESTART_ONLY`."""
+    return key in RESTART_ONLY or key.split(".")[0] in RESTART_ONLY
+
+
+def keep_restart_only(old: Settings, new: Settings) -> Settings:
+    """``new``, but with the value of ``old`` for every key of :data:`RESTART_ONLY`:
+    the settings a reload applies."""
+    kept: dict[str, Any] = {}
+    for key in RESTART_ONLY:
+        section, _, name = key.partition(".")
+        if not name:
+            kept[section] = getattr(old, section)
+        else:
+            kept[section] = dataclasses.replace(kept.get(section, getattr(new, section)),
+                                                **{name: getattr(getattr(old, section), name)})
+    return dataclasses.replace(new, **kept)
+
+
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     """Key paths whose change needs a restart, to be logged and ignored on reload."""
     flat_old, flat_new = as_flat_dict(old), as_flat_dict(new)
-    return [k for k in flat_new if k.startswith(RESTART_ONLY) and flat_old[k] != flat_new[k]]
+    return [k for k in flat_new if needs_restart(k) and flat_old[k] != flat_new[k]]
 
 
 def reload_changes(old: Settings, new: Settings) -> dict[str, Any]:

@@ -438,8 +438,7 @@ class Server:
                 new = dataclasses.replace(
                     new, log=dataclasses.replace(new.log, file=self.log_file_default))
             changes = config_mod.reload_changes(old, new)
-            merged = dataclasses.replace(new, listen=old.listen, daemon=old.daemon,
-                                         control=old.control, runtime_dir=old.runtime_dir)
+            merged = config_mod.keep_restart_only(old, new)
             try:
                 log_mod.configure(merged.log)
             except OSError as exc:

@@ -413,3 +413,26 @@ def test_stop_warns_of_a_bad_plugin_option_and_goes_on(tmp_path):
     assert f"{path}, line 3: plugins.who:" in result.stderr
     assert "warning" in result.stderr and "not running" in result.stdout + result.stderr
 
+
+def test_a_reload_keeps_exactly_the_restart_only_keys(tmp_path, monkeypatch):
+    old = config.load(None)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"listen:\n  port: 9999\nruntime_dir: {tmp_path}\ndaemon:\n  umask: 0077\n"
+                    "control:\n  mode: 0600\nroom:\n  max_users: 7\nlog:\n  level: debug\n"
+                    "plugins:\n  who: false\n")
+    new = config.load(str(path))
+    merged = config.keep_restart_only(old, new)
+    assert (merged.listen, merged.runtime_dir, merged.daemon, merged.control) == (
+        old.listen, old.runtime_dir, old.daemon, old.control)
+    assert (merged.room, merged.log, merged.plugins) == (new.room, new.log, new.plugins)
+    assert config.restart_only_changes(old, merged) == []
+    assert config.restart_only_changes(old, new) == [
+        "listen.port", "daemon.umask", "control.socket", "control.fifo", "control.mode",
+        "runtime_dir"]
+    # the one list decides: a single key of a section, and a section no longer in it
+    monkeypatch.setattr(config, "RESTART_ONLY", ("listen", "room.max_users"))
+    merged = config.keep_restart_only(old, new)
+    assert merged.room == dataclasses.replace(new.room, max_users=old.room.max_users)
+    assert (merged.listen, merged.daemon, merged.runtime_dir) == (
+        old.listen, new.daemon, new.runtime_dir)
+    assert config.restart_only_changes(old, new) == ["listen.port", "room.max_users"]

@@ -96,7 +96,7 @@ def test_every_config_key_is_documented_with_its_default_and_reload(key: str) ->
     kind, default, when = [part.strip() for part in match.group(1).rsplit(" , ", 2)]
     assert kind
     assert default == f"default Li {_default_text(key, config_mod.DEFAULTS[key])}"
-    assert when == ("restart" if key.startswith(config_mod.RESTART_ONLY) else "reload")
+    assert when == ("restart" if config_mod.needs_restart(key) else "reload")
 
 
 def test_every_builtin_plugin_and_option_is_documented() -> None:
