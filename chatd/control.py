@@ -36,7 +36,7 @@ import structlog
 
 from chatd import log as log_mod
 from chatd import safefs
-from chatd.config import ControlSettings
+from chatd.settings import ControlSettings
 
 log = structlog.get_logger("chatd")
 

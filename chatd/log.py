@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import structlog
 
 from chatd import safefs
-from chatd.config import LogSettings
+from chatd.settings import LogSettings
 
 # syslog priorities, for journald's "<N>" prefixes on stderr
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,

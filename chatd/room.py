@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chatd import protocol
-from chatd.config import RoomSettings
 from chatd.cookies import CookieJar
 from chatd.hosts import host_key
 from chatd.names import confusable_keys, name_key, name_problem
+from chatd.settings import RoomSettings
 from chatd.textsafe import neutralise
 
 Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
@@ -310,7 +310,7 @@ class Room:
         if problem is not None:
             self._refuse(addr, name, "name_invalid", "name_invalid", name=name, reason=problem)
             return
-        if key in self._by_key or key == self.settings.admin_key:
+        if key in self._by_key or key == name_key(self.settings.admin_name):
             self._refuse(addr, name, "name_taken", "name_taken", name=name)
             return
         looks = confusable_keys(name)

@@ -26,7 +26,7 @@ from chatd import config as config_mod
 from chatd import log as log_mod
 from chatd.batchsend import DEFERRED_ERRNOS, UNREPORTED, errno_name, send_to_many
 from chatd.config import ListenSettings, Settings
-from chatd.plugins import PluginManager
+from chatd.plugins import PluginManager, check_settings
 from chatd.room import Delivery, Room
 from chatd.systemd import Notifier
 
@@ -433,13 +433,12 @@ class Server:
     def _reload(self) -> tuple[bool, str | dict[str, Any]]:
         old = self.settings
         try:
-            new = config_mod.load(self.config_path)
+            new = config_mod.load(self.config_path, check_plugins=check_settings)
             if new.log.file is None and self.log_file_default is not None:
                 new = dataclasses.replace(
                     new, log=dataclasses.replace(new.log, file=self.log_file_default))
             changes = config_mod.reload_changes(old, new)
-            merged = dataclasses.replace(new, listen=old.listen, daemon=old.daemon,
-                                         control=old.control, runtime_dir=old.runtime_dir)
+            merged = config_mod.keep_restart_only(old, new)
             try:
                 log_mod.configure(merged.log)
             except OSError as exc:

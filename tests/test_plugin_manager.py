@@ -199,7 +199,7 @@ def test_bad_plugin_settings_name_the_key(plugins, path, words):
 def test_config_error_names_plugin_key_and_line():
     text = "room:\n  max_users: 5\nplugins:\n  history:\n    size: many\n"
     with pytest.raises(config.ConfigError, match=r"line 5: plugins\.history\.size: expected"):
-        config.parse(text, "chatd.yaml")
+        config.parse(text, "chatd.yaml", check_plugins=check_settings)
 
 
 def test_defaults_and_reasons():

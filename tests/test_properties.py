@@ -41,7 +41,7 @@ def snapshot(room: Room) -> set:
 def check_invariants(room: Room, deliveries) -> None:
     keys = [s.key for s in room.sessions()]
     assert len(keys) == len(set(keys)), "two sessions share a name"
-    assert room.settings.admin_key not in keys
+    assert name_key(room.settings.admin_name) not in keys
     looks = [look for s in room.sessions() for look in confusable_keys(s.name)]
     assert len(looks) == len(set(looks)), "two sessions look alike"
     assert not set(looks) & confusable_keys(room.settings.admin_name)
