@@ -64,8 +64,9 @@ def ipv4_source(i: int) -> str:
 
 
 def ipv6_source(i: int) -> str:
-    """Distinct addresses as long as they come (38 characters, no group to compress)."""
-    groups = [0x1000 + (i >> shift & 0xfff) for shift in (60, 48, 36, 24, 12, 0)]
+    """Distinct addresses as long as they come (38 characters, no group to compress), each
+    in a /64 of its own: the limiter counts an IPv6 host by its /64 (room.ipv6_prefix)."""
+    groups = [0x1000 + (i >> shift & 0xfff) for shift in (0, 12, 24, 36, 48, 60)]
     return "2001:db8:" + ":".join(f"{g:x}" for g in groups)
 
 
