@@ -34,13 +34,13 @@ from daemon.daemon import close_all_open_files
 
 from chatd import log as log_mod
 from chatd.commands import execute
-from chatd.config import ControlSettings
 from chatd.control import files
 from chatd.control.channel import MAX_REQUEST, LineBuffer, LineChannel, encode
 from chatd.control.files import MAX_CONNECTIONS
 from chatd.control.peers import group_members, peer_allowed, peer_credentials
 from chatd.server import Server
 from chatd.services import Backoff, Service, describe_status
+from chatd.settings import ControlSettings
 
 log = structlog.get_logger("chatd")
 

@@ -38,11 +38,10 @@ def cmd_say(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     if text is None:
         return _error("say needs a text")
     try:
-        deliveries = server.room.admin_say(text)
+        step = server.room.admin_say(text)
     except TextTooLong as exc:
         return _error(f"text too long: {exc}")
-    server.log_room_events()  # before the deliveries, as the server does
-    server.deliver(deliveries)
+    server.apply(step)
     return _ok({"users": len(server.room)})
 
 
@@ -62,11 +61,9 @@ def cmd_kick(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     if name is None:
         return _error("kick needs a name")
     reason = _text_arg(args, "reason") or "kicked by the admin"
-    deliveries = server.room.kick(name, reason)
-    if deliveries is None:
+    if not server.room.kick(name, reason):
         return _error(f"no such user: {name}")
-    server.log_room_events()  # before the deliveries, as the server does
-    server.deliver(deliveries)
+    server.apply(server.room.flush())
     return _ok({"kicked": name, "reason": reason})
 
 

@@ -3,14 +3,19 @@
 Every key has a built-in default, so chatd runs with no file at all. A key
 that is unknown or of the wrong type is an error that names the key path and
 its line, because the person reading it is fixing a file in an editor.
+
+Each key is written once, in :data:`SCHEMA` with its check; the settings it
+becomes, and its default, are the dataclasses of :mod:`chatd.settings`, built
+from the checked keys by their field names. Configuration knows no plugin:
+whoever runs plugins passes the check of their options in (``check_plugins``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -20,7 +25,14 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.events import AliasEvent
 from yaml.resolver import Resolver
 
-from chatd.names import name_key
+from chatd.settings import (
+    ControlSettings,
+    DaemonSettings,
+    ListenSettings,
+    LogSettings,
+    RoomSettings,
+    Settings,
+)
 from chatd.templates import ADMIN_NAMES, LOCALES, template_problem
 
 ENV_CONFIG = "CHATD_CONFIG"
@@ -36,84 +48,6 @@ MAX_DEPTH = 32
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message is meant for a person."""
-
-
-@dataclass(frozen=True)
-class ListenSettings:
-    host: str = "0.0.0.0"
-    port: int = 8888
-    rcvbuf: int = 4 * 1024 * 1024
-    sndbuf: int = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    level: str = "info"
-    format: str | None = None  # None: console on a terminal, json otherwise
-    file: str | None = None  # None: stderr
-
-
-@dataclass(frozen=True)
-class RoomSettings:
-    locale: str = "en"
-    admin_name: str = ADMIN_NAMES["en"]
-    max_users: int = 1000
-    max_name_length: int = 32
-    max_datagram: int = 1024
-    session_timeout: float = 90.0
-    max_sessions_per_ip: int = 100
-    announce_limit: int = 200
-    unreachable_after: int = 3
-    evict_idle_after: float = 600.0  # 0: a full room never evicts
-    ipv6_prefix: int = 64  # per-address limits count an IPv6 /64 as one host
-    require_verified: bool = False  # True: only clients that echoed an address cookie
-    unreachable_grace: float = 60.0
-    templates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(LOCALES["en"]))
-
-    @property
-    def admin_key(self) -> str:
-        return name_key(self.admin_name)
-
-
-@dataclass(frozen=True)
-class DaemonSettings:
-    user: str | None = None
-    group: str | None = None
-    umask: int = 0o022
-    start_timeout: float = 10.0
-
-
-@dataclass(frozen=True)
-class ControlSettings:
-    socket: str  # absolute path
-    fifo: str  # absolute path
-    mode: int = 0o660
-    group: str | None = None
-
-
-@dataclass(frozen=True)
-class Settings:
-    listen: ListenSettings
-    log: LogSettings
-    room: RoomSettings
-    daemon: DaemonSettings
-    control: ControlSettings
-    runtime_dir: str
-    plugins: Mapping[str, Any]
-    source: str | None = None  # the file these came from, if any
-    #: the line of each key path in ``source``, for errors found after parsing
-    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def pidfile(self) -> str:
-        return os.path.join(self.runtime_dir, "chatd.pid")
-
-    def where(self, key: str | None) -> str:
-        """``FILE, line N`` for ``key``, as config errors begin."""
-        if self.source is None:
-            return "built-in defaults"
-        line = self.lines.get(key) if key else None
-        return f"{self.source}, line {line}" if line else self.source
 
 
 def default_runtime_dir() -> str:
@@ -196,46 +130,113 @@ def _mapping(value: Any) -> dict:
     return value
 
 
-#: Every key, its checker and its default; the documentation in etc/chatd.yaml
-#: and chatd.yaml(5) follows this table.
-SCHEMA: Mapping[str, tuple[Callable[[Any], Any], Any]] = {
-    "listen.host": (_text, ListenSettings.host),
-    "listen.port": (_int(0, 65535), ListenSettings.port),
-    "listen.rcvbuf": (_int(4096, 1 << 30), ListenSettings.rcvbuf),
-    "listen.sndbuf": (_int(4096, 1 << 30), ListenSettings.sndbuf),
-    "runtime_dir": (_optional(_text), None),
-    "log.level": (_choice(*LOG_LEVELS), LogSettings.level),
-    "log.format": (_optional(_choice("json", "console")), None),
-    "log.file": (_optional(_text), None),
-    "room.locale": (_choice(*LOCALES), "en"),
-    "room.admin_name": (_optional(_text), None),
-    "room.max_users": (_int(1, 1_000_000), RoomSettings.max_users),
-    "room.max_name_length": (_int(1, 256), RoomSettings.max_name_length),
-    "room.max_datagram": (_int(64, 65507), RoomSettings.max_datagram),
-    "room.session_timeout": (_number(1, 86400 * 365), RoomSettings.session_timeout),
-    "room.max_sessions_per_ip": (_int(0, 1_000_000), RoomSettings.max_sessions_per_ip),
-    "room.announce_limit": (_int(0, 1_000_000), RoomSettings.announce_limit),
-    "room.unreachable_after": (_int(0, 1_000_000), RoomSettings.unreachable_after),
-    "room.evict_idle_after": (_number(0, 86400 * 365), RoomSettings.evict_idle_after),
-    "room.ipv6_prefix": (_int(0, 128), RoomSettings.ipv6_prefix),
-    "room.require_verified": (_bool, RoomSettings.require_verified),
-    "room.unreachable_grace": (_number(0, 86400 * 365), RoomSettings.unreachable_grace),
-    "room.templates": (_mapping, {}),
-    "daemon.user": (_optional(_text), None),
-    "daemon.group": (_optional(_text), None),
-    "daemon.umask": (_mode, DaemonSettings.umask),
-    "daemon.start_timeout": (_number(0.1, 3600), DaemonSettings.start_timeout),
-    "control.socket": (_optional(_text), None),
-    "control.fifo": (_optional(_text), None),
-    "control.mode": (_mode, ControlSettings.mode),
-    "control.group": (_optional(_text), None),
-    "plugins": (_mapping, {}),
+def _absolute_path(value: Any) -> str:
+    value = _text(value)
+    if not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
+class _KeyProblem(ValueError):
+    """A checker's error about a key below the one it checks: ``path`` names it in full
+    (``room.templates.chat``). :class:`chatd.plugins.PluginConfigError` is one in kind."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+def _templates(value: Any) -> dict:
+    overrides = _mapping(value)
+    for key, text in overrides.items():
+        problem = (template_problem(str(key), text) if isinstance(text, str)
+                   else f"expected a string, got {text!r}")
+        if problem:
+            raise _KeyProblem(f"room.templates.{key}", problem)
+    return {str(key): text for key, text in overrides.items()}
+
+
+#: Every key and its checker; the documentation in etc/chatd.yaml and
+#: chatd.yaml(5) follows this table. A key's default is its field's in
+#: :mod:`chatd.settings` (``room.max_users`` is ``RoomSettings.max_users``),
+#: unless :data:`DERIVED` says otherwise.
+SCHEMA: Mapping[str, Callable[[Any], Any]] = {
+    "listen.host": _text,
+    "listen.port": _int(0, 65535),
+    "listen.rcvbuf": _int(4096, 1 << 30),
+    "listen.sndbuf": _int(4096, 1 << 30),
+    "runtime_dir": _optional(_text),
+    "log.level": _choice(*LOG_LEVELS),
+    "log.format": _optional(_choice("json", "console")),
+    "log.file": _optional(_absolute_path),
+    "room.locale": _choice(*LOCALES),
+    "room.admin_name": _optional(_text),
+    "room.max_users": _int(1, 1_000_000),
+    "room.max_name_length": _int(1, 256),
+    "room.max_datagram": _int(64, 65507),
+    "room.session_timeout": _number(1, 86400 * 365),
+    "room.max_sessions_per_ip": _int(0, 1_000_000),
+    "room.announce_limit": _int(0, 1_000_000),
+    "room.unreachable_after": _int(0, 1_000_000),
+    "room.evict_idle_after": _number(0, 86400 * 365),
+    "room.ipv6_prefix": _int(0, 128),
+    "room.require_verified": _bool,
+    "room.unreachable_grace": _number(0, 86400 * 365),
+    "room.templates": _templates,
+    "daemon.user": _optional(_text),
+    "daemon.group": _optional(_text),
+    "daemon.umask": _mode,
+    "daemon.start_timeout": _number(0.1, 3600),
+    "control.socket": _optional(_absolute_path),
+    "control.fifo": _optional(_absolute_path),
+    "control.mode": _mode,
+    "control.group": _optional(_text),
+    "plugins": _mapping,
 }
 
-#: Keys read once at start-up; a reload that changes them keeps the old value.
-RESTART_ONLY = ("listen.", "runtime_dir", "daemon.", "control.")
+#: Keys whose value is not simply what the file says: the default the file would
+#: spell (null: "follows from the others"), and how the value is made from the
+#: checked values. The rules run in this order, each seeing what those before it made.
+DERIVED: Mapping[str, tuple[Any, Callable[[Mapping[str, Any]], Any]]] = {
+    "runtime_dir": (None, lambda v: os.path.abspath(v["runtime_dir"] or default_runtime_dir())),
+    "room.admin_name": (None, lambda v: v["room.admin_name"] or ADMIN_NAMES[v["room.locale"]]),
+    "room.templates": ({}, lambda v: MappingProxyType({**LOCALES[v["room.locale"]],
+                                                       **v["room.templates"]})),
+    "control.socket": (None, lambda v: v["control.socket"]
+                       or os.path.join(v["runtime_dir"], "control.sock")),
+    "control.fifo": (None, lambda v: v["control.fifo"]
+                     or os.path.join(v["runtime_dir"], "control.fifo")),
+    "plugins": ({}, lambda v: MappingProxyType(dict(v["plugins"]))),
+}
 
-SECTIONS = frozenset(key.split(".")[0] for key in SCHEMA if "." in key)
+#: The sections of the file and the settings each becomes; a key outside them
+#: (``runtime_dir``) is a field of :class:`~chatd.settings.Settings` itself.
+SECTIONS: Mapping[str, type] = {"listen": ListenSettings, "log": LogSettings,
+                                "room": RoomSettings, "daemon": DaemonSettings,
+                                "control": ControlSettings}
+
+
+def _field_default(key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    found = {f.name: f for f in dataclasses.fields(SECTIONS[section] if section else Settings)}
+    field = found[name]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    if field.default is dataclasses.MISSING:
+        raise TypeError(f"{key}: its field has no default and DERIVED has no rule for it")
+    return field.default
+
+
+#: The default of every key, as the file would spell it.
+DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    key: DERIVED[key][0] if key in DERIVED else _field_default(key) for key in SCHEMA})
+
+#: Keys read once at start-up; a reload that changes them keeps the old value. A
+#: name without a dot is a whole section (or a top-level key).
+RESTART_ONLY = ("listen", "runtime_dir", "daemon", "control")
+
+#: Keys whose value is a file mode, written in octal.
+OCTAL_KEYS = frozenset(key for key, check in SCHEMA.items() if check is _mode)
 
 
 class _Located:
@@ -404,13 +405,25 @@ def _walk(root: yaml.Node, lines: dict[str, int], strict: bool) -> None:
             stack.append((value_node, path + "."))
 
 
-def parse(text: str, source: str = "<config>") -> Settings:
-    """Settings from YAML text; raises :class:`ConfigError`."""
+#: Checks the ``plugins:`` mapping (:func:`chatd.plugins.check_settings`): raises
+#: ValueError, whose ``path`` attribute, if any, names the key (``plugins.history.size``).
+PluginCheck = Callable[[Mapping[str, Any]], object]
+
+
+def parse(text: str, source: str = "<config>", *,
+          check_plugins: PluginCheck | None = None) -> Settings:
+    """Settings from YAML text; raises :class:`ConfigError`.
+
+    ``plugins:`` is checked only as far as ``check_plugins`` goes: configuration
+    knows no plugin, so whoever runs them says what their options may be.
+    """
     data, lines = _read_yaml(text, source)
-    return from_mapping({} if data is None else data, _Located(source, lines), source)
+    return from_mapping({} if data is None else data, _Located(source, lines), source,
+                        check_plugins=check_plugins)
 
 
-def from_mapping(data: Any, where: _Located | None = None, source: str | None = None) -> Settings:
+def from_mapping(data: Any, where: _Located | None = None, source: str | None = None, *,
+                 check_plugins: PluginCheck | None = None) -> Settings:
     where = where or _Located(source or "<config>", {})
     if not isinstance(data, dict):
         raise ConfigError(f"{where.source}: the top level must be a mapping of keys")
@@ -426,17 +439,20 @@ def from_mapping(data: Any, where: _Located | None = None, source: str | None = 
                 flat[f"{key}.{sub}"] = subvalue
         else:
             flat[key] = value
-    values = {}
+    values = dict(DEFAULTS)
     for path, value in flat.items():
         if path not in SCHEMA:
             raise where.error(path, "unknown key" + _suggestion(path))
-        check = SCHEMA[path][0]
         try:
-            values[path] = check(value)
+            values[path] = SCHEMA[path](value)
         except ValueError as exc:
-            raise where.error(path, str(exc)) from None
-    get = lambda path: values.get(path, SCHEMA[path][1])  # noqa: E731
-    return _build(get, where, source)
+            raise where.error(getattr(exc, "path", path), str(exc)) from None
+    if check_plugins is not None:
+        try:
+            check_plugins(values["plugins"])
+        except ValueError as exc:
+            raise where.error(getattr(exc, "path", "plugins"), str(exc)) from None
+    return _build(values, where, source)
 
 
 def _suggestion(path: str) -> str:
@@ -444,72 +460,21 @@ def _suggestion(path: str) -> str:
     known = [k for k in SCHEMA if k.startswith(section + ".")]
     if known:
         return f" (known keys in {section}: {', '.join(k.split('.', 1)[1] for k in known)})"
-    return f" (known top-level keys: {', '.join(sorted(SECTIONS | {'runtime_dir', 'plugins'}))})"
+    top = {key.split(".")[0] for key in SCHEMA}
+    return f" (known top-level keys: {', '.join(sorted(top))})"
 
 
-def _build(get: Callable[[str], Any], where: _Located, source: str | None) -> Settings:
-    locale = get("room.locale")
-    templates = dict(LOCALES[locale])
-    for key, text in get("room.templates").items():
-        if not isinstance(text, str):
-            raise where.error(f"room.templates.{key}", f"expected a string, got {text!r}")
-        problem = template_problem(str(key), text)
-        if problem:
-            raise where.error(f"room.templates.{key}", problem)
-        templates[str(key)] = text
-    from chatd.plugins import PluginConfigError, check_settings
-
-    try:
-        check_settings(get("plugins"))
-    except PluginConfigError as exc:
-        raise where.error(exc.path, str(exc)) from None
-    runtime_dir = os.path.abspath(get("runtime_dir") or default_runtime_dir())
-    room = RoomSettings(
-        locale=locale,
-        admin_name=get("room.admin_name") or ADMIN_NAMES[locale],
-        max_users=get("room.max_users"),
-        max_name_length=get("room.max_name_length"),
-        max_datagram=get("room.max_datagram"),
-        session_timeout=get("room.session_timeout"),
-        max_sessions_per_ip=get("room.max_sessions_per_ip"),
-        announce_limit=get("room.announce_limit"),
-        unreachable_after=get("room.unreachable_after"),
-        evict_idle_after=get("room.evict_idle_after"),
-        ipv6_prefix=get("room.ipv6_prefix"),
-        require_verified=get("room.require_verified"),
-        unreachable_grace=get("room.unreachable_grace"),
-        templates=MappingProxyType(templates),
-    )
-    for path in ("control.socket", "control.fifo", "log.file"):
-        value = get(path)
-        if value is not None and not os.path.isabs(value):
-            raise where.error(path, f"must be an absolute path, got {value!r}")
-    return Settings(
-        listen=ListenSettings(
-            host=get("listen.host"),
-            port=get("listen.port"),
-            rcvbuf=get("listen.rcvbuf"),
-            sndbuf=get("listen.sndbuf"),
-        ),
-        log=LogSettings(level=get("log.level"), format=get("log.format"), file=get("log.file")),
-        room=room,
-        daemon=DaemonSettings(
-            user=get("daemon.user"),
-            group=get("daemon.group"),
-            umask=get("daemon.umask"),
-            start_timeout=get("daemon.start_timeout"),
-        ),
-        control=ControlSettings(
-            socket=get("control.socket") or os.path.join(runtime_dir, "control.sock"),
-            fifo=get("control.fifo") or os.path.join(runtime_dir, "control.fifo"),
-            mode=get("control.mode"),
-            group=get("control.group"),
-        ),
-        runtime_dir=runtime_dir,
-        plugins=MappingProxyType(dict(get("plugins"))),
-        source=source,
-        lines=MappingProxyType(dict(where.lines)),
-    )
+def _build(values: dict[str, Any], where: _Located, source: str | None) -> Settings:
+    """The settings from every key's checked value: each section's dataclass takes
+    the keys of its fields, :class:`Settings` the top-level ones."""
+    for key, (_, rule) in DERIVED.items():
+        values[key] = rule(values)
+    sections = {name: kind(**{field.name: values[f"{name}.{field.name}"]
+                              for field in dataclasses.fields(kind)})
+                for name, kind in SECTIONS.items()}
+    top = {key: value for key, value in values.items() if "." not in key}
+    return Settings(**sections, **top, source=source,
+                    lines=MappingProxyType(dict(where.lines)))
 
 
 def config_path(cli_value: str | None) -> str | None:
@@ -517,12 +482,16 @@ def config_path(cli_value: str | None) -> str | None:
     return cli_value or os.environ.get(ENV_CONFIG) or None
 
 
-def load(path: str | None) -> Settings:
-    """Settings from ``path``, or the built-in defaults when ``path`` is None."""
+def load(path: str | None, *, check_plugins: PluginCheck | None = None) -> Settings:
+    """Settings from ``path``, or the built-in defaults when ``path`` is None.
+
+    Every program that runs plugins or reports on a file passes ``check_plugins``
+    (see :func:`parse`); without it a bad plugin option goes unnoticed here.
+    """
     if path is None:
-        return from_mapping({})
+        return from_mapping({}, check_plugins=check_plugins)
     path = os.path.abspath(path)
-    return parse(_read_file(path), source=path)
+    return parse(_read_file(path), source=path, check_plugins=check_plugins)
 
 
 def _read_file(path: str) -> str:
@@ -572,7 +541,8 @@ def _file_kind(mode: int) -> str:
     return "a special file"
 
 
-def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
+def locate(path: str | None, *, check_plugins: PluginCheck | None = None,
+           ) -> tuple[Settings, ConfigError | None]:
     """Settings good enough to find a running daemon's files, and the error if the file
     does not validate.
 
@@ -581,10 +551,10 @@ def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
     what is wrong with it; stop, to stop it anyway. Only ``runtime_dir``,
     ``control.socket``/``control.fifo`` and ``daemon.user`` are taken from an
     invalid file. The bounds on reading hold here too: a file chatd refuses to
-    parse is not parsed.
+    parse is not parsed. ``check_plugins`` is for the error only (see :func:`load`).
     """
     try:
-        return load(path), None
+        return load(path, check_plugins=check_plugins), None
     except ConfigError as exc:
         if path is None:
             raise
@@ -608,10 +578,29 @@ def locate(path: str | None) -> tuple[Settings, ConfigError | None]:
         raise error from None
 
 
+def needs_restart(key: str) -> bool:
+    """Whether ``key`` (``listen.port``) is read only at start-up: see :data:`RESTART_ONLY`."""
+    return key in RESTART_ONLY or key.split(".")[0] in RESTART_ONLY
+
+
+def keep_restart_only(old: Settings, new: Settings) -> Settings:
+    """``new``, but with the value of ``old`` for every key of :data:`RESTART_ONLY`:
+    the settings a reload applies."""
+    kept: dict[str, Any] = {}
+    for key in RESTART_ONLY:
+        section, _, name = key.partition(".")
+        if not name:
+            kept[section] = getattr(old, section)
+        else:
+            kept[section] = dataclasses.replace(kept.get(section, getattr(new, section)),
+                                                **{name: getattr(getattr(old, section), name)})
+    return dataclasses.replace(new, **kept)
+
+
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:
     """Key paths whose change needs a restart, to be logged and ignored on reload."""
     flat_old, flat_new = as_flat_dict(old), as_flat_dict(new)
-    return [k for k in flat_new if k.startswith(RESTART_ONLY) and flat_old[k] != flat_new[k]]
+    return [k for k in flat_new if needs_restart(k) and flat_old[k] != flat_new[k]]
 
 
 def reload_changes(old: Settings, new: Settings) -> dict[str, Any]:
@@ -638,7 +627,7 @@ def reload_changes(old: Settings, new: Settings) -> dict[str, Any]:
 
 def format_value(key: str, value: Any) -> str:
     """A setting as the file would spell it: modes in octal."""
-    if key in ("daemon.umask", "control.mode") and isinstance(value, int):
+    if key in OCTAL_KEYS and isinstance(value, int):
         return f"0{value:03o}"
     return "null" if value is None else str(value)
 
@@ -658,11 +647,10 @@ def describe_reload(changes: Mapping[str, Any]) -> str:
 def as_flat_dict(settings: Settings) -> dict[str, Any]:
     """The effective settings as ``{"room.max_users": 1000, ...}`` (for check-config)."""
     out: dict[str, Any] = {}
-    for section in ("listen", "log", "room", "daemon", "control"):
+    for section in SECTIONS:
         obj = getattr(settings, section)
-        for name in obj.__dataclass_fields__:
-            value = getattr(obj, name)
-            out[f"{section}.{name}"] = dict(value) if isinstance(value, Mapping) else value
-    out["runtime_dir"] = settings.runtime_dir
-    out["plugins"] = dict(settings.plugins)
-    return out
+        for field in dataclasses.fields(obj):
+            out[f"{section}.{field.name}"] = getattr(obj, field.name)
+    out.update((key, getattr(settings, key)) for key in SCHEMA if "." not in key)
+    return {key: dict(value) if isinstance(value, Mapping) else value
+            for key, value in out.items()}

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import structlog
 
 from chatd import safefs
-from chatd.config import LogSettings
+from chatd.settings import LogSettings
 from chatd.tokenbucket import TokenBucket
 
 # syslog priorities, for journald's "<N>" prefixes on stderr

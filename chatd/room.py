@@ -1,39 +1,49 @@
 """The room: sessions, names and rules, with no I/O.
 
-Every entry point turns its input into a list of :class:`Delivery` values
-(one payload, encoded once, and the addresses it goes to) and appends what
-happened to :attr:`Room.events`; the server does the sending and the logging.
-Time comes in as an argument (monotonic seconds), so tests drive the clock.
+Every entry point returns one :class:`~chatd.events.Step`: the datagrams to
+send (one payload, encoded once, and the addresses it goes to) and typed
+events saying what happened; the server counts, logs and sends. Plugins act
+through the same outbox, never on the room's internals. Time comes in as an
+argument (monotonic seconds), so tests drive the clock. The room's state is a
+value too: :meth:`Room.snapshot` and :meth:`Room.restore`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from chatd import protocol
-from chatd.config import RoomSettings
 from chatd.cookies import CookieJar
+from chatd.events import (
+    Addr,
+    AdminSaid,
+    CookieIssued,
+    Delivery,
+    Dropped,
+    Event,
+    LeaveReason,
+    LoginRefused,
+    RepliesCapped,
+    Said,
+    Step,
+    UserJoined,
+    UserLeft,
+)
 from chatd.hosts import host_key
 from chatd.names import confusable_keys, name_key, name_problem
-from chatd.textsafe import neutralise
+from chatd.settings import RoomSettings
+from chatd.textsafe import neutralise, truncate_utf8
 
-Addr = Hashable  # what recvfrom returns: (host, port) or (host, port, flow, scope)
+#: Version of :meth:`Room.snapshot`'s format; :meth:`Room.restore` refuses others.
+SNAPSHOT_VERSION: Final = 1
 
 #: Seconds between two ICMP reports that both count against one session. Anyone can
 #: forge ICMP errors, and a burst of them must not be worth more than one report.
 UNREACHABLE_SPACING = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One datagram for one or many addresses."""
-
-    payload: bytes
-    addrs: Sequence[Addr]
 
 
 @dataclass(slots=True)
@@ -89,6 +99,10 @@ class NoHooks:
         return None
 
 
+class SnapshotError(ValueError):
+    """A snapshot this room cannot restore; the message says why."""
+
+
 class TextTooLong(ValueError):
     """An admin or plugin text that would not fit in one datagram."""
 
@@ -97,10 +111,6 @@ class TextTooLong(ValueError):
 class Room:
     settings: RoomSettings
     hooks: RoomHooks = field(default_factory=NoHooks)
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    drops: Counter[str] = field(default_factory=Counter)
-    #: what the room did that is not a drop (evictions, cookies, capped replies)
-    counters: Counter[str] = field(default_factory=Counter)
     cookies: CookieJar = field(default_factory=CookieJar)
 
     def __post_init__(self) -> None:
@@ -112,10 +122,11 @@ class Room:
         #: sessions by when they were last heard from, longest silent first
         self._by_silence: OrderedDict[Addr, Session] = OrderedDict()
         self._out: list[Delivery] = []
+        self._events: list[Event] = []
 
     # -- entry points ------------------------------------------------------
 
-    def receive(self, addr: Addr, data: bytes, now: float) -> list[Delivery]:
+    def receive(self, addr: Addr, data: bytes, now: float) -> Step:
         """Everything one datagram from ``addr`` causes."""
         session = self._by_addr.get(addr)
         if len(data) > self.settings.max_datagram:
@@ -147,21 +158,21 @@ class Room:
             session.keepalive = True
             self._out.append(Delivery(protocol.PONG, (addr,)))
         else:
-            self._leave(session, "quit", "left")
+            self._leave(session, LeaveReason.QUIT, "left")
             self._out.append(Delivery(protocol.EXIT, (addr,)))
         return self._capped(addr)
 
-    def expire(self, now: float) -> list[Delivery]:
+    def expire(self, now: float) -> Step:
         """Drop sessions that promised keepalives and then fell silent."""
         limit = self.settings.session_timeout
         stale = [
             s for s in self._by_addr.values() if s.keepalive and now - s.last_seen > limit
         ]
         for session in stale:
-            self._leave(session, "timeout", "timed_out")
+            self._leave(session, LeaveReason.TIMEOUT, "timed_out")
         return self._take()
 
-    def unreachable(self, addr: Addr, now: float) -> list[Delivery]:
+    def unreachable(self, addr: Addr, now: float) -> Step:
         """The kernel says datagrams to ``addr`` cannot be delivered (ICMP errors).
 
         A client that vanished without ``Q`` (crash, closed laptop) would
@@ -178,12 +189,12 @@ class Room:
         if now - session.last_seen < self.settings.unreachable_grace or (
                 session.unreachable_at is not None
                 and now - session.unreachable_at < UNREACHABLE_SPACING):
-            self.drops["icmp_ignored"] += 1
+            self._drop("icmp_ignored", addr)
             return self._take()
         session.unreachable += 1
         session.unreachable_at = now
         if session.unreachable >= limit:
-            self._leave(session, "unreachable", "unreachable")
+            self._leave(session, LeaveReason.UNREACHABLE, "unreachable")
         return self._take()
 
     def pause(self, seconds: float, now: float) -> None:
@@ -192,24 +203,15 @@ class Room:
         for session in self._by_addr.values():
             session.last_seen = min(now, session.last_seen + seconds)
 
-    def next_expiry(self) -> float | None:
-        """The monotonic time at which :meth:`expire` next has work, if ever."""
-        times = [s.last_seen for s in self._by_addr.values() if s.keepalive]
-        return min(times) + self.settings.session_timeout if times else None
-
-    def admin_say(self, text: str) -> list[Delivery]:
+    def admin_say(self, text: str) -> Step:
         """The admin speaks to everyone; raises :class:`TextTooLong`."""
         payload = self._render("admin", name=self.settings.admin_name, text=text)
         self._check_fits(payload)
         self._out.append(Delivery(payload, list(self._by_addr)))
-        self.events.append(("admin_said", {"users": len(self._by_addr)}))
+        self._events.append(AdminSaid(len(self._by_addr)))
         return self._take()
 
-    def kick(self, name: str, reason: str) -> list[Delivery] | None:
-        """Remove a user with a reason; None when nobody has that name."""
-        return self._take() if self.queue_kick(name, reason) else None
-
-    def shutdown(self) -> list[Delivery]:
+    def shutdown(self) -> Step:
         """Tell everyone the room is closing, then ``EXIT``; the room is empty afterwards."""
         addrs = list(self._by_addr)
         if addrs:
@@ -217,10 +219,62 @@ class Room:
             self._out.append(Delivery(protocol.EXIT, addrs))
         for session in list(self._by_addr.values()):
             self._forget(session)
-            self.events.append(
-                ("user_left", {"name": session.name, "addr": session.addr, "reason": "shutdown"})
-            )
+            self._events.append(UserLeft(session.name, session.addr, LeaveReason.SHUTDOWN))
         return self._take()
+
+    def flush(self) -> Step:
+        """What was queued outside the other entry points: by plugins at start-up or on
+        reload, or by :meth:`kick` on the admin's behalf."""
+        return self._take()
+
+    # -- the room as a value --------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Everything needed to rebuild the room elsewhere (a new process, a new host), as
+        plain JSON-safe data. Times are ages relative to ``now``: monotonic clocks differ
+        between processes and machines, ages do not."""
+        return {
+            "format": SNAPSHOT_VERSION,
+            "sessions": [{
+                "name": s.name,
+                "addr": list(s.addr) if isinstance(s.addr, tuple) else s.addr,
+                "age": now - s.joined_at,
+                "idle": now - s.last_seen,
+                "keepalive": s.keepalive,
+                "verified": s.verified,
+                "unreachable": s.unreachable,
+                "unreachable_ago": None if s.unreachable_at is None else now - s.unreachable_at,
+            } for s in self._by_addr.values()],  # in join order
+        }
+
+    def restore(self, snapshot: Mapping[str, Any], now: float) -> None:
+        """Rebuild the sessions of :meth:`snapshot` in this (empty) room, silently: nobody
+        joined, so nobody is told and no plugin hears of it. Raises :class:`SnapshotError`
+        for a format it does not know or data that does not add up; the room is then
+        left empty."""
+        if self._by_addr:
+            raise SnapshotError("restore needs an empty room")
+        try:
+            if snapshot.get("format") != SNAPSHOT_VERSION:
+                raise SnapshotError(f"snapshot format {snapshot.get('format')!r}, "
+                                    f"this chatd reads {SNAPSHOT_VERSION}")
+            sessions = [_session_from(entry, now, self.settings.ipv6_prefix)
+                        for entry in snapshot["sessions"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"malformed snapshot: {exc!r}") from None
+        try:
+            for session in sessions:
+                if session.addr in self._by_addr or session.key in self._by_key:
+                    raise SnapshotError(f"{session.name!r} twice in the snapshot")
+                self._add(session)
+        except SnapshotError:
+            for session in list(self._by_addr.values()):
+                self._forget(session)
+            raise
+        order = sorted(self._by_silence.values(), key=lambda s: s.last_seen)
+        self._by_silence = OrderedDict((s.addr, s) for s in order)
 
     def reconfigure(self, settings: RoomSettings) -> None:
         """New limits and templates; sessions stay."""
@@ -255,22 +309,21 @@ class Room:
         self._out.append(Delivery(payload, [s.addr for s in self._by_addr.values()
                                             if s.key not in skip]))
 
-    def queue_kick(self, name: str, reason: str) -> bool:
-        """Remove a user, queueing what that says to whom; False when there is no such user."""
+    def kick(self, name: str, reason: str) -> bool:
+        """Remove a user, queueing what that says to whom; False when there is no such user.
+
+        From a plugin's hook the output goes out with the step of the datagram being
+        handled; from anywhere else, with the next :meth:`flush`."""
         session = self._by_key.get(name_key(name))
         if session is None:
             return False
         self._send_text(session.addr, "kicked", reason=reason)
         self._out.append(Delivery(protocol.EXIT, (session.addr,)))
-        self._leave(session, "kicked", "kick_notice", always=True, reason=reason)
+        self._leave(session, LeaveReason.KICKED, "kick_notice", always=True, reason=reason)
         return True
 
     def render(self, key: str, **fields: Any) -> str:
         return self.settings.templates[key].format(**fields)
-
-    def take_output(self) -> list[Delivery]:
-        """Deliveries queued outside an entry point (by plugins at startup, say)."""
-        return self._take()
 
     def __len__(self) -> int:
         return len(self._by_addr)
@@ -283,7 +336,7 @@ class Room:
         if len(reply) > size:
             self._drop("hello_too_short", addr, size=size, needed=len(reply))
             return
-        self.counters["cookies_issued"] += 1
+        self._events.append(CookieIssued(addr))
         self._out.append(Delivery(reply, (addr,)))
 
     def _login(self, addr: Addr, session: Session | None, command: protocol.Login,
@@ -310,7 +363,7 @@ class Room:
         if problem is not None:
             self._refuse(addr, name, "name_invalid", "name_invalid", name=name, reason=problem)
             return
-        if key in self._by_key or key == self.settings.admin_key:
+        if key in self._by_key or key == name_key(self.settings.admin_name):
             self._refuse(addr, name, "name_taken", "name_taken", name=name)
             return
         looks = confusable_keys(name)
@@ -335,23 +388,24 @@ class Room:
         refusal = self.hooks.login(name, addr)
         if refusal is not None:
             self._out.append(Delivery(self._fit(refusal.encode()), (addr,)))
-            self.events.append(("login_refused", {"name": name, "addr": addr,
-                                                  "reason": "plugin"}))
+            self._events.append(LoginRefused(name, addr, "plugin"))
             return
         if evict is not None:
             self._evict(evict)
         self._out.append(Delivery(protocol.OK, (addr,)))
         if self._by_addr and self._announcing():
             self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
-        new = Session(name=name, key=key, addr=addr, looks=tuple(looks), joined_at=now,
-                      last_seen=now, verified=verified, host=host)
-        self._by_addr[addr] = new
-        self._by_key[key] = new
-        self._by_look.update(dict.fromkeys(looks, new))
-        self._by_silence[addr] = new
-        self._per_host[host] += 1
-        self.events.append(("user_joined", {"name": name, "addr": addr, "verified": verified}))
+        self._add(Session(name=name, key=key, addr=addr, looks=tuple(looks), joined_at=now,
+                          last_seen=now, verified=verified, host=host))
+        self._events.append(UserJoined(name, addr, verified))
         self.hooks.joined(name)
+
+    def _add(self, session: Session) -> None:
+        self._by_addr[session.addr] = session
+        self._by_key[session.key] = session
+        self._by_look.update(dict.fromkeys(session.looks, session))
+        self._by_silence[session.addr] = session
+        self._per_host[session.host] += 1
 
     def _heard(self, session: Session, now: float) -> None:
         """A word from the client: it is alive, whatever the kernel reported before."""
@@ -374,10 +428,9 @@ class Room:
         return None
 
     def _evict(self, session: Session) -> None:
-        self.counters["evicted_idle"] += 1
         self._send_text(session.addr, "evicted")
         self._out.append(Delivery(protocol.EXIT, (session.addr,)))
-        self._leave(session, "evicted", "left")
+        self._leave(session, LeaveReason.EVICTED, "left")
 
     def _refuse_unverified(self, addr: Addr, wanted: str, why: str, size: int) -> None:
         """A refusal to an address nobody vouched for: at most three times the bytes it sent
@@ -386,30 +439,31 @@ class Room:
         if len(payload) <= 3 * size:
             self._out.append(Delivery(payload, (addr,)))
         else:
-            self.counters["unverified_capped"] += 1
-        self.events.append(("login_refused", {"name": wanted, "addr": addr, "reason": why}))
+            self._events.append(RepliesCapped(addr))
+        self._events.append(LoginRefused(wanted, addr, why))
 
-    def _capped(self, addr: Addr) -> list[Delivery]:
+    def _capped(self, addr: Addr) -> Step:
         """The output of one datagram, with at most one datagram of reply to a sender whose
         address is unproven: a forged request then costs its victim one datagram, no more."""
         session = self._by_addr.get(addr)
         if session is not None and session.verified:
             return self._take()
-        out = self._take()
         replies = 0
         kept = []
-        for delivery in out:
+        for delivery in self._out:
             if len(delivery.addrs) == 1 and delivery.addrs[0] == addr:
                 replies += 1
                 if replies > 1:
-                    self.counters["unverified_capped"] += 1
                     continue
             kept.append(delivery)
-        return kept
+        if replies > 1:
+            self._events.append(RepliesCapped(addr, replies - 1))
+        self._out = kept
+        return self._take()
 
     def _chat(self, session: Session, text: str) -> None:
         if not text:
-            self.drops["empty_text"] += 1
+            self._drop("empty_text", session.addr)
             return
         if text.startswith("/") and text[1:2].isalpha():
             command, _, args = text[1:].partition(" ")
@@ -426,17 +480,16 @@ class Room:
             return
         sender = session.addr
         self._out.append(Delivery(payload, [a for a in self._by_addr if a != sender]))
-        self.events.append(("chat", {"name": session.name, "text": rewritten}))
+        self._events.append(Said(session.name, rewritten))
         self.hooks.said(session.name, rewritten)
 
-    def _leave(self, session: Session, why: str, template: str, always: bool = False,
+    def _leave(self, session: Session, why: LeaveReason, template: str, always: bool = False,
                **fields: Any) -> None:
         self._forget(session)
         if self._by_addr and (always or self._announcing()):
             payload = self._notice(template, name=session.name, **fields)
             self._out.append(Delivery(payload, list(self._by_addr)))
-        self.events.append(("user_left", {"name": session.name, "addr": session.addr,
-                                          "reason": why}))
+        self._events.append(UserLeft(session.name, session.addr, why))
         self.hooks.left(session.name, why)
 
     def _announcing(self) -> bool:
@@ -458,11 +511,10 @@ class Room:
 
     def _refuse(self, addr: Addr, wanted: str, why: str, template: str, **fields: Any) -> None:
         self._send_text(addr, template, **fields)
-        self.events.append(("login_refused", {"name": wanted, "addr": addr, "reason": why}))
+        self._events.append(LoginRefused(wanted, addr, why))
 
     def _drop(self, reason: str, addr: Addr, **details: Any) -> None:
-        self.drops[reason] += 1
-        self.events.append(("datagram_dropped", {"reason": reason, "addr": addr, **details}))
+        self._events.append(Dropped(reason, addr, details))
 
     def _send_text(self, addr: Addr, template: str, **fields: Any) -> None:
         self._out.append(Delivery(self._notice(template, **fields), (addr,)))
@@ -478,17 +530,37 @@ class Room:
         limit = self.settings.max_datagram
         if len(payload) <= limit or payload in (protocol.OK, protocol.EXIT):
             return payload
-        return payload[:limit].decode("utf-8", "ignore").encode()
+        return truncate_utf8(payload, limit)
 
     def _check_fits(self, payload: bytes) -> None:
         if len(payload) > self.settings.max_datagram:
             raise TextTooLong(f"{len(payload)} bytes, at most {self.settings.max_datagram}")
 
-    def _take(self) -> list[Delivery]:
-        out, self._out = self._out, []
-        return out
+    def _take(self) -> Step:
+        step = Step(self._out, self._events)
+        self._out, self._events = [], []
+        return step
 
 
 @functools.lru_cache(maxsize=4)  # only ever called with admin names: no stranger churns it
 def _admin_looks(admin_name: str) -> frozenset[str]:
     return confusable_keys(admin_name)
+
+
+def _session_from(entry: Mapping[str, Any], now: float, ipv6_prefix: int) -> Session:
+    """One session of a snapshot, checked as strictly as a login would check it."""
+    name = entry["name"]
+    raw = entry["addr"]
+    addr = tuple(raw) if isinstance(raw, list) else raw
+    if not isinstance(name, str) or name_problem(name, 1 << 16) is not None:
+        raise SnapshotError(f"bad name {name!r}")
+    if not (isinstance(addr, str) or (isinstance(addr, tuple) and len(addr) in (2, 4) and all(
+            isinstance(part, str | int) and not isinstance(part, bool) for part in addr))):
+        raise SnapshotError(f"bad address {raw!r}")
+    ago = entry["unreachable_ago"]
+    return Session(
+        name=name, key=name_key(name), addr=addr, looks=tuple(confusable_keys(name)),
+        joined_at=now - float(entry["age"]), last_seen=now - float(entry["idle"]),
+        keepalive=bool(entry["keepalive"]), verified=bool(entry["verified"]),
+        unreachable=int(entry["unreachable"]), host=host_key(addr, ipv6_prefix),
+        unreachable_at=None if ago is None else now - float(ago))

@@ -28,8 +28,19 @@ from chatd import config as config_mod
 from chatd import log as log_mod
 from chatd.batchsend import DEFERRED_ERRNOS, UNREPORTED, errno_name, send_to_many
 from chatd.config import ListenSettings, Settings
-from chatd.plugins import PluginManager
-from chatd.room import Delivery, Room
+from chatd.events import (
+    CookieIssued,
+    Delivery,
+    Dropped,
+    Event,
+    LeaveReason,
+    RepliesCapped,
+    Said,
+    Step,
+    UserLeft,
+)
+from chatd.plugins import PluginManager, check_settings
+from chatd.room import Room
 from chatd.services import Service, describe_status
 from chatd.systemd import Notifier
 
@@ -130,6 +141,8 @@ class Server:
         self.started = time.time()
         self.started_monotonic = time.monotonic()
         self.counters: Counter[str] = Counter()
+        #: datagrams (and ICMP reports) the room threw away, by reason
+        self.drops: Counter[str] = Counter()
         self.send_errors: Counter[str] = Counter()
         self.selector = selectors.DefaultSelector()
         self._stop_reason: str | None = None
@@ -195,7 +208,7 @@ class Server:
         """
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
         self.plugins.startup()
-        self.deliver(self.room.take_output())
+        self.apply(self.room.flush())
         host, port = self.sock.getsockname()[:2]
         log.info("server_started", host=host, port=port, pid=os.getpid(),
                  config=self.config_path)
@@ -227,9 +240,7 @@ class Server:
     def _tick(self, now: float) -> None:
         # a short WatchdogSec needs pings more often than once a second
         self._next_tick = now + min(TICK_SECONDS, self.notifier.watchdog_interval or TICK_SECONDS)
-        deliveries = self.room.expire(now)
-        self.log_room_events()
-        self.deliver(deliveries)
+        self.apply(self.room.expire(now))
         interval = self.notifier.watchdog_interval
         if interval and now >= self._next_watchdog:
             self._next_watchdog = now + interval
@@ -269,10 +280,7 @@ class Server:
                 continue
             counters["datagrams_in"] += 1
             try:
-                deliveries = room.receive(addr, data, time.monotonic())
-                if room.events:  # logged first: whoever gets a reply finds its log line
-                    self.log_room_events()
-                self.deliver(deliveries)
+                self.apply(room.receive(addr, data, time.monotonic()))
             except Exception:  # a datagram can never stop the server
                 counters["internal_errors"] += 1
                 self._log_bounded("datagram_failed", {"addr": format_addr(addr)})
@@ -353,9 +361,7 @@ class Server:
             except OSError:
                 return
             self.counters["unreachable_reports"] += 1
-            deliveries = self.room.unreachable(addr, time.monotonic())
-            self.log_room_events()
-            self.deliver(deliveries)
+            self.apply(self.room.unreachable(addr, time.monotonic()))
         self._icmp_pending = True  # more than a batch: the rest on the next wakeup
 
     def kernel_drops(self) -> int | None:
@@ -375,24 +381,42 @@ class Server:
 
     # -- logging what the room did ----------------------------------------------
 
-    def log_room_events(self) -> None:
-        """Log what the room did; call it before sending the deliveries that go with it.
+    def apply(self, step: Step) -> None:
+        """The one place where what the room did takes effect: count each event, log it
+        (first: whoever gets a reply finds its log line), then send the datagrams."""
+        for event in step.events:
+            self._count(event)
+            self._log(event)
+        self.deliver(step.deliveries)
 
-        Then whoever receives a reply (a person, a script, a test) finds its
-        log line already written.
-        """
-        events, self.room.events = self.room.events, []
-        for name, fields in events:
-            if "addr" in fields:
-                fields["addr"] = format_addr(fields["addr"])
-            if name == "chat":
+    def _count(self, event: Event) -> None:
+        match event:
+            case Dropped(reason=reason):
+                self.drops[reason] += 1
+            case Said():
                 self.counters["chat_lines"] += 1
-                if self.settings.log.level == "debug":  # skip the logger's cost otherwise
-                    log.debug(name, **fields)
-            elif name in self._stranger_logs:
-                self._log_bounded(name, fields)
-            else:
-                log.info(name, **fields)
+            case UserLeft(reason=LeaveReason.EVICTED):
+                self.counters["evicted_idle"] += 1
+            case CookieIssued():
+                self.counters["cookies_issued"] += 1
+            case RepliesCapped(count=count):
+                self.counters["unverified_capped"] += count
+
+    def _log(self, event: Event) -> None:
+        name = event.log_as
+        if not name:
+            return  # counted only
+        if isinstance(event, Said) and self.settings.log.level != "debug":
+            return  # people's text, at debug only: skip the logger's cost otherwise
+        fields = event.fields()
+        if "addr" in fields:
+            fields["addr"] = format_addr(fields["addr"])
+        if isinstance(event, Said):
+            log.debug(name, **fields)
+        elif event.stranger:
+            self._log_bounded(name, fields)
+        else:
+            log.info(name, **fields)
 
     def _log_bounded(self, name: str, fields: dict[str, Any]) -> None:
         self._stranger_logs(name, **fields)
@@ -467,13 +491,12 @@ class Server:
     def _reload(self) -> tuple[bool, str | dict[str, Any]]:
         old = self.settings
         try:
-            new = config_mod.load(self.config_path)
+            new = config_mod.load(self.config_path, check_plugins=check_settings)
             if new.log.file is None and self.log_file_default is not None:
                 new = dataclasses.replace(
                     new, log=dataclasses.replace(new.log, file=self.log_file_default))
             changes = config_mod.reload_changes(old, new)
-            merged = dataclasses.replace(new, listen=old.listen, daemon=old.daemon,
-                                         control=old.control, runtime_dir=old.runtime_dir)
+            merged = config_mod.keep_restart_only(old, new)
             try:
                 log_mod.configure(merged.log)
             except OSError as exc:
@@ -481,7 +504,7 @@ class Server:
             self.settings = merged
             self.room.reconfigure(merged.room)
             self.plugins.reconfigure(merged.plugins)
-            self.deliver(self.room.take_output())
+            self.apply(self.room.flush())
         except config_mod.ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return False, str(exc)
@@ -520,8 +543,8 @@ class Server:
             "users": len(self.room),
             "max_users": self.settings.room.max_users,
             "config": self.config_path,
-            "counters": {**self.counters, **self.room.counters},
-            "drops": dict(self.room.drops),
+            "counters": dict(self.counters),
+            "drops": dict(self.drops),
             "send_errors": dict(self.send_errors),
             "kernel_drops": self.kernel_drops(),
             "backlog": self._backlog_size,
@@ -537,10 +560,8 @@ class Server:
         log.info("server_stopping", reason=self._stop_reason, users=len(self.room))
         self.notifier.stopping()
         self.plugins.shutdown()
-        self.deliver(self.room.take_output())
-        deliveries = self.room.shutdown()
-        self.log_room_events()
-        self.deliver(deliveries)
+        self.apply(self.room.flush())
+        self.apply(self.room.shutdown())
         self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
         for service in reversed(self.services):
             self._guarded(service, "stop", service.stop)

@@ -39,3 +39,10 @@ def neutralise(text: str) -> str:
         return text
     return _UNSAFE.sub(_visible, text)
 
+
+
+def truncate_utf8(data: bytes, limit: int) -> bytes:
+    """``data`` (UTF-8) shortened to at most ``limit`` bytes, never inside a character."""
+    if len(data) <= limit:
+        return data
+    return data[:limit].decode("utf-8", "ignore").encode()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from chatd import config
 from chatd.cookies import REPLY_SIZE, CookieJar
+from chatd.events import CookieIssued, Dropped, LeaveReason, RepliesCapped, Step, UserLeft
 from chatd.hosts import host_key
 from chatd.plugins import PluginManager
-from chatd.room import Delivery, Room
+from chatd.room import Room
 
 A, B, C, D = (("10.0.0.1", 1001), ("10.0.0.2", 1002), ("10.0.0.3", 1003), ("10.0.0.4", 1004))
 HELLO = b"H " + b"." * 62
@@ -23,12 +24,12 @@ def make_room(plugins: bool = False, **room) -> Room:
         manager = PluginManager(made, {"ratelimit": False})
         made.hooks = manager
         manager.startup()
-        made.take_output()
+        made.flush()
     return made
 
 
-def to(addr, deliveries: list[Delivery]) -> list[bytes]:
-    return [d.payload for d in deliveries if addr in d.addrs]
+def to(addr, step: Step) -> list[bytes]:
+    return step.to(addr)
 
 
 def cookie(room: Room, addr, now: float = 0.0) -> str:
@@ -47,12 +48,15 @@ def login(room: Room, addr, name: str, now: float = 0.0, verify: bool = False) -
 
 def test_a_cookie_answer_is_never_larger_than_the_hello_that_asked():
     room = make_room()
+    events = []
     for size in range(1, 80):
         hello = (b"H " + b"x" * size)[:size]
         answer = room.receive(A, hello, 0.0)
-        assert sum(len(d.payload) * len(d.addrs) for d in answer) <= size
-    assert room.drops["hello_too_short"] == REPLY_SIZE - 1
-    assert room.counters["cookies_issued"] == 80 - REPLY_SIZE
+        assert sum(len(d.payload) * len(d.addrs) for d in answer.deliveries) <= size
+        events += answer.events
+    assert sum(isinstance(e, Dropped) and e.reason == "hello_too_short"
+               for e in events) == REPLY_SIZE - 1
+    assert sum(isinstance(e, CookieIssued) for e in events) == 80 - REPLY_SIZE
 
 
 def test_a_verified_login_and_what_cookies_are_not_good_for():
@@ -87,12 +91,13 @@ def test_a_plain_login_of_the_article_kind_is_unverified_by_default():
 
 def test_require_verified_refuses_plain_logins_within_three_times_their_size():
     room = make_room(require_verified=True)
-    assert room.receive(A, b"L x", 0.0) == []  # 3 bytes: a refusal would be 27
+    silent = room.receive(A, b"L x", 0.0)
+    assert silent.deliveries == []  # 3 bytes: a refusal would be 27
+    assert RepliesCapped(A) in silent.events
     refusal = to(A, room.receive(A, b"L alice_the_great", 0.0))
     assert refusal == [b"\nverify your address first"]
     assert len(refusal[0]) <= 3 * len(b"L alice_the_great")
     assert len(room) == 0
-    assert room.counters["unverified_capped"] == 1
     assert login(room, A, "alice", verify=True) == [b"OK"]
 
 
@@ -105,11 +110,9 @@ def test_a_forged_login_gets_its_victim_no_room_traffic_when_verification_is_req
     for name in ("x", "mallory", "a_rather_long_name_for_padding"):
         data = f"L {name}".encode()
         sent += len(data)
-        received += sum(len(d.payload) for d in room.receive(victim, data, 1.0)
-                        if victim in d.addrs)
+        received += sum(map(len, room.receive(victim, data, 1.0).to(victim)))
     for i in range(10):
-        received += sum(len(d.payload) for d in room.receive(A, f"C alice hi {i}".encode(), 2)
-                        if victim in d.addrs)
+        received += sum(map(len, room.receive(A, f"C alice hi {i}".encode(), 2).to(victim)))
     assert received <= 3 * sent
     assert room.session_at(victim) is None
 
@@ -142,9 +145,9 @@ def test_the_room_caps_replies_a_careless_plugin_sends_to_an_unverified_session(
     login(room, A, "mallory")
     help_plugin = room.hooks._states["help"].instance  # type: ignore[attr-defined]
     help_plugin.room.reply_budget = lambda name: None  # it ignores the budget
-    replies = to(A, room.receive(A, b"C mallory /help", 1.0))
-    assert len(replies) == 1
-    assert room.counters["unverified_capped"] >= 1
+    step = room.receive(A, b"C mallory /help", 1.0)
+    assert len(step.to(A)) == 1
+    assert any(isinstance(e, RepliesCapped) and e.count >= 1 for e in step.events)
 
 
 # -- eviction from a full room --------------------------------------------------------------
@@ -164,8 +167,7 @@ def test_a_full_room_evicts_the_longest_silent_session_for_a_newcomer():
                           b"EXIT"]
     assert b"\nquiet left the room" in to(B, out)
     assert room.session("quiet") is None and room.session("newcomer") is not None
-    assert room.counters["evicted_idle"] == 1
-    assert ("user_left", {"name": "quiet", "addr": A, "reason": "evicted"}) in room.events
+    assert UserLeft("quiet", A, LeaveReason.EVICTED) in out.events
 
 
 def test_keepalive_sessions_and_recent_speakers_are_never_evicted():

@@ -1,5 +1,6 @@
 """Configuration: defaults, the documented example, and errors that name key and line."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -8,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from chatd import config
+from chatd.plugins import check_settings
+from chatd.settings import DaemonSettings, ListenSettings, LogSettings, RoomSettings, Settings
+from chatd.templates import LOCALES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -355,3 +359,80 @@ def test_check_config_passes_what_start_accepts_and_creates_nothing(tmp_path):
     result = check_config(path)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+# -- one spelling of each key; plugin options checked by whoever runs plugins (issue 14) ----------
+
+
+def test_every_key_is_a_settings_field_and_every_field_a_key():
+    fields = {f"{section}.{field.name}" for section, kind in config.SECTIONS.items()
+              for field in dataclasses.fields(kind)}
+    top = {field.name for field in dataclasses.fields(Settings)} - {*config.SECTIONS, "source",
+                                                                     "lines"}
+    assert set(config.SCHEMA) == fields | top
+    assert set(config.DERIVED) <= set(config.SCHEMA)
+
+
+def test_defaults_are_the_fields_defaults():
+    settings = config.load(None)
+    assert settings.listen == ListenSettings()
+    assert settings.log == LogSettings()
+    assert settings.daemon == DaemonSettings()
+    assert settings.room == dataclasses.replace(RoomSettings(), templates=LOCALES["en"])
+    assert config.DEFAULTS["room.max_users"] == RoomSettings.max_users
+
+
+def test_a_bad_plugin_option_is_checked_only_by_the_caller_that_says_how(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("room:\n  max_users: 5\nplugins:\n  history:\n    size: many\n")
+    assert config.load(str(path)).plugins == {"history": {"size": "many"}}
+    with pytest.raises(config.ConfigError, match=r"line 5: plugins\.history\.size: expected"):
+        config.load(str(path), check_plugins=check_settings)
+    with pytest.raises(config.ConfigError, match=r"line 4: plugins\.nosuch: unknown plugin"):
+        config.parse("plugins:\n  who: true\n\n  nosuch: {}\n", check_plugins=check_settings)
+
+
+@pytest.mark.parametrize("command", ["check-config", "run", "start"])
+def test_chatd_refuses_a_bad_plugin_option_naming_its_line(tmp_path, command):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"runtime_dir: {tmp_path}/run\nlisten:\n  host: 127.0.0.1\n  port: 0\n"
+                    "plugins:\n  wordfilter:\n    words: darn\n")
+    result = subprocess.run([sys.executable, "-m", "chatd", command, "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (f"chatd: config error: {path}, line 7: plugins.wordfilter.words: "
+                             "expected a list of non-empty strings, got 'darn'\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_stop_warns_of_a_bad_plugin_option_and_goes_on(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"runtime_dir: {tmp_path}/run\nplugins:\n  who: maybe\n")
+    result = subprocess.run([sys.executable, "-m", "chatd", "stop", "-c", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert f"{path}, line 3: plugins.who:" in result.stderr
+    assert "warning" in result.stderr and "not running" in result.stdout + result.stderr
+
+
+def test_a_reload_keeps_exactly_the_restart_only_keys(tmp_path, monkeypatch):
+    old = config.load(None)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"listen:\n  port: 9999\nruntime_dir: {tmp_path}\ndaemon:\n  umask: 0077\n"
+                    "control:\n  mode: 0600\nroom:\n  max_users: 7\nlog:\n  level: debug\n"
+                    "plugins:\n  who: false\n")
+    new = config.load(str(path))
+    merged = config.keep_restart_only(old, new)
+    assert (merged.listen, merged.runtime_dir, merged.daemon, merged.control) == (
+        old.listen, old.runtime_dir, old.daemon, old.control)
+    assert (merged.room, merged.log, merged.plugins) == (new.room, new.log, new.plugins)
+    assert config.restart_only_changes(old, merged) == []
+    assert config.restart_only_changes(old, new) == [
+        "listen.port", "daemon.umask", "control.socket", "control.fifo", "control.mode",
+        "runtime_dir"]
+    # the one list decides: a single key of a section, and a section no longer in it
+    monkeypatch.setattr(config, "RESTART_ONLY", ("listen", "room.max_users"))
+    merged = config.keep_restart_only(old, new)
+    assert merged.room == dataclasses.replace(new.room, max_users=old.room.max_users)
+    assert (merged.listen, merged.daemon, merged.runtime_dir) == (
+        old.listen, new.daemon, new.runtime_dir)
+    assert config.restart_only_changes(old, new) == ["listen.port", "room.max_users"]

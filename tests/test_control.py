@@ -169,24 +169,7 @@ def test_peer_of_another_uid_is_refused(make_chatd):
     path = os.path.join(shared, "control.sock")
     try:
         server = make_chatd({"control": {"mode": "0666", "socket": path}})
-        nobody = pwd.getpwnam("nobody")
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(read_end)
-                os.setgid(nobody.pw_gid)
-                os.setuid(nobody.pw_uid)
-                answer = raw_request(path, b'{"cmd": "who"}\n')
-            except Exception as exc:  # reported to the parent, which fails the test
-                answer = {"exception": repr(exc)}
-            finally:
-                os.write(write_end, json.dumps(answer).encode())
-                os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end) as f:
-            answer = json.loads(f.read())
-        os.waitpid(pid, 0)
+        answer = as_nobody(lambda: raw_request(path, b'{"cmd": "who"}\n'))
         assert answer.get("ok") is False, answer
         assert "permission denied" in answer["error"]
         wait_for(lambda: any(e["event"] == "control_refused" for e in server.log_events()),

@@ -75,7 +75,7 @@ def test_every_command_and_option_is_documented(name: str, parser: argparse.Argu
 
 
 def _default_text(key: str, value: object) -> str:
-    """A SCHEMA default as the page writes it."""
+    """A key's default as the page writes it."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -95,8 +95,8 @@ def test_every_config_key_is_documented_with_its_default_and_reload(key: str) ->
     assert match, f"chatd.yaml(5) has no entry for {key}"
     kind, default, when = [part.strip() for part in match.group(1).rsplit(" , ", 2)]
     assert kind
-    assert default == f"default Li {_default_text(key, config_mod.SCHEMA[key][1])}"
-    assert when == ("restart" if key.startswith(config_mod.RESTART_ONLY) else "reload")
+    assert default == f"default Li {_default_text(key, config_mod.DEFAULTS[key])}"
+    assert when == ("restart" if config_mod.needs_restart(key) else "reload")
 
 
 def test_every_builtin_plugin_and_option_is_documented() -> None:

@@ -13,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from chatd import config
+from chatd.events import Step
 from chatd.plugins import (
     Option,
     Plugin,
@@ -26,18 +27,18 @@ from chatd.plugins.catalog import Catalog, default_catalog, spec_for
 from chatd.plugins.ratelimit import ip_of
 from chatd.plugins.text import cut, lines, pack
 from chatd.plugins.wordfilter import word_pattern
-from chatd.room import Delivery, Room
+from chatd.room import Room
 
 A, B, C = ("10.0.0.1", 1001), ("10.0.0.2", 1002), ("10.0.0.3", 1003)
 CALLS: list[tuple[str, str]] = []  # what the test plugins saw, in order
 
 
-def flat(deliveries: list[Delivery]) -> list[tuple[Any, bytes]]:
-    return [(addr, d.payload) for d in deliveries for addr in d.addrs]
+def flat(step: Step) -> list[tuple[Any, bytes]]:
+    return [(addr, d.payload) for d in step.deliveries for addr in d.addrs]
 
 
-def to(addr, deliveries: list[Delivery]) -> list[bytes]:
-    return [payload for a, payload in flat(deliveries) if a == addr]
+def to(addr, step: Step) -> list[bytes]:
+    return step.to(addr)
 
 
 # -- test plugins --------------------------------------------------------------------
@@ -146,7 +147,7 @@ def make(plugins: dict | None = None, *, clock=None, **extra) -> tuple[Room, Plu
     manager = PluginManager(room, plugins or {}, **kwargs)
     room.hooks = manager
     manager.startup()
-    room.take_output()
+    room.flush()
     return room, manager
 
 
@@ -199,7 +200,7 @@ def test_bad_plugin_settings_name_the_key(plugins, path, words):
 def test_config_error_names_plugin_key_and_line():
     text = "room:\n  max_users: 5\nplugins:\n  history:\n    size: many\n"
     with pytest.raises(config.ConfigError, match=r"line 5: plugins\.history\.size: expected"):
-        config.parse(text, "chatd.yaml")
+        config.parse(text, "chatd.yaml", check_plugins=check_settings)
 
 
 def test_defaults_and_reasons():
@@ -339,7 +340,7 @@ def test_reconfigure_enables_disables_and_keeps_sessions():
     room, manager = make()
     join(room, (A, "alice"), (B, "bob"))
     manager.reconfigure({"wordfilter": {"words": ["darn"]}, "who": False})
-    room.take_output()
+    room.flush()
     assert to(B, room.receive(A, b"C alice Darn it", 1)) == [b"\nalice says: **** it"]
     assert to(A, room.receive(A, b"C alice /who", 1)) == [
         b"\nunknown command /who (try /help)"]

@@ -44,10 +44,8 @@ class Limiter:
     def login(self, host: str) -> bytes:
         """``L`` then ``Q`` from ``host`` (so the room stays empty); the answer to the ``L``."""
         addr = (host, 4000)
-        answer = [d.payload for d in self.room.receive(addr, b"L visitor", self.now)
-                  if addr in d.addrs]
+        answer = self.room.receive(addr, b"L visitor", self.now).to(addr)
         self.room.receive(addr, b"Q visitor", self.now)
-        self.room.events.clear()
         return answer[0]
 
     def tracked(self) -> list[str]:

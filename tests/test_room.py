@@ -1,9 +1,12 @@
 """The room's rules, with plain values: no sockets, the clock is an argument."""
 
+from collections import Counter
+
 import pytest
 
 from chatd import config
-from chatd.room import Delivery, Room, TextTooLong
+from chatd.events import Dropped, LeaveReason, LoginRefused, Step, UserJoined, UserLeft
+from chatd.room import Room, TextTooLong
 
 A, B, C = ("10.0.0.1", 1001), ("10.0.0.2", 1002), ("10.0.0.3", 1003)
 
@@ -12,8 +15,13 @@ def make_room(**room) -> Room:
     return Room(config.from_mapping({"room": room}).room)
 
 
-def flat(deliveries: list[Delivery]) -> list[tuple[tuple, bytes]]:
-    return [(addr, d.payload) for d in deliveries for addr in d.addrs]
+def drops(*steps: Step) -> Counter[str]:
+    """What the server would count as dropped, by reason, from these steps."""
+    return Counter(e.reason for step in steps for e in step.events if isinstance(e, Dropped))
+
+
+def flat(step: Step) -> list[tuple[tuple, bytes]]:
+    return [(addr, d.payload) for d in step.deliveries for addr in d.addrs]
 
 
 def joined(room: Room, *pairs) -> Room:
@@ -25,9 +33,10 @@ def joined(room: Room, *pairs) -> Room:
 def test_login_ok_then_others_hear_of_it():
     room = make_room()
     assert flat(room.receive(A, b"L alice", 0)) == [(A, b"OK")]
-    assert flat(room.receive(B, b"L bob", 0)) == [(B, b"OK"), (A, b"\nbob joined the room")]
+    step = room.receive(B, b"L bob", 0)
+    assert flat(step) == [(B, b"OK"), (A, b"\nbob joined the room")]
     assert [s.name for s in room.sessions()] == ["alice", "bob"]
-    assert ("user_joined", {"name": "bob", "addr": B, "verified": False}) in room.events
+    assert step.events == [UserJoined("bob", B, verified=False)]
 
 
 def test_repeated_login_same_name_same_address_is_ok_again():
@@ -69,7 +78,7 @@ def test_room_full():
 
 def test_chat_goes_to_everyone_but_the_sender_encoded_once():
     room = joined(make_room(), (A, "alice"), (B, "bob"), (C, "carol"))
-    out = room.receive(A, b"C alice hi  there", 1)
+    out = room.receive(A, b"C alice hi  there", 1).deliveries
     assert len(out) == 1
     assert out[0].payload == b"\nalice says: hi  there"
     assert sorted(out[0].addrs) == [B, C]
@@ -82,18 +91,17 @@ def test_chat_uses_the_session_name_not_the_datagram_spelling():
 
 def test_spoofed_commands_are_dropped_and_change_nothing():
     room = joined(make_room(), (A, "alice"), (B, "bob"))
-    assert room.receive(C, b"C alice i am alice", 1) == []
-    assert room.receive(B, b"C alice i am alice", 1) == []
-    assert room.receive(B, b"Q alice", 1) == []
-    assert room.receive(C, b"Q alice", 1) == []
-    assert room.receive(B, b"P alice", 1) == []
+    steps = [room.receive(C, b"C alice i am alice", 1), room.receive(B, b"C alice i am alice", 1),
+             room.receive(B, b"Q alice", 1), room.receive(C, b"Q alice", 1),
+             room.receive(B, b"P alice", 1)]
+    assert all(step.deliveries == [] for step in steps)
     assert {s.name for s in room.sessions()} == {"alice", "bob"}
-    assert room.drops["spoofed"] == 3 and room.drops["no_session"] == 2
+    assert drops(*steps) == {"spoofed": 3, "no_session": 2}
 
 
 def test_udp_admin_datagram_is_not_broadcast():
     room = joined(make_room(), (A, "alice"))
-    assert room.receive(C, b"C admin hello all", 1) == []
+    assert room.receive(C, b"C admin hello all", 1).deliveries == []
 
 
 def test_quit_sends_exit_and_tells_the_others():
@@ -105,7 +113,7 @@ def test_quit_sends_exit_and_tells_the_others():
 def test_ping_answers_pong():
     room = joined(make_room(), (A, "alice"))
     assert flat(room.receive(A, b"P alice", 1)) == [(A, b"PONG")]
-    assert room.receive(B, b"P nobody", 1) == []
+    assert room.receive(B, b"P nobody", 1).deliveries == []
 
 
 def test_only_sessions_that_pinged_time_out():
@@ -113,7 +121,7 @@ def test_only_sessions_that_pinged_time_out():
     room.receive(A, b"P alice", 5)
     room.receive(C, b"P carol", 5)
     room.receive(C, b"C carol still here", 14)
-    assert room.next_expiry() == 15
+    assert flat(room.expire(15)) == []  # 10 s after alice's P: not yet
     out = flat(room.expire(15.5))
     assert (B, b"\nalice left the room (timed out)") in out
     assert room.session("alice") is None
@@ -135,10 +143,11 @@ def test_too_long_line_refused_whole_and_fits_otherwise():
 
 def test_oversized_datagram_dropped_with_error_line():
     room = joined(make_room(), (A, "alice"))
-    assert flat(room.receive(A, b"C alice " + b"x" * 65000, 1)) == [
-        (A, b"\nline not sent: longer than 1024 bytes")]
-    assert room.receive(B, b"x" * 65000, 1) == []
-    assert room.drops["too_large"] == 2
+    first = room.receive(A, b"C alice " + b"x" * 65000, 1)
+    assert flat(first) == [(A, b"\nline not sent: longer than 1024 bytes")]
+    second = room.receive(B, b"x" * 65000, 1)
+    assert second.deliveries == []
+    assert drops(first, second) == {"too_large": 2}
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff", b"Z", b"L", b"C", b"Q ", b"\x00" * 10])
@@ -167,8 +176,10 @@ def test_admin_say_and_kick():
                                             (B, b"\nadmin says: hello")]
     with pytest.raises(TextTooLong):
         room.admin_say("x" * 2000)
-    assert room.kick("nobody", "x") is None
-    assert flat(room.kick("BOB", "spam")) == [
+    assert room.kick("nobody", "x") is False
+    assert room.flush() == Step()
+    assert room.kick("BOB", "spam") is True
+    assert flat(room.flush()) == [
         (B, b"\nyou were removed from the room: spam"), (B, b"EXIT"),
         (A, b"\nbob was removed from the room: spam")]
     assert room.session("bob") is None
@@ -176,7 +187,7 @@ def test_admin_say_and_kick():
 
 def test_shutdown_notice_then_exit_to_everyone():
     room = joined(make_room(), (A, "alice"), (B, "bob"))
-    out = room.shutdown()
+    out = room.shutdown().deliveries
     assert [d.payload for d in out] == [b"\nthe server is shutting down", b"EXIT"]
     assert all(sorted(d.addrs) == [A, B] for d in out)
     assert len(room) == 0
@@ -203,7 +214,8 @@ def test_joins_and_leaves_are_not_announced_in_a_crowd():
     assert flat(room.receive(C, b"Q carol", 0)) == [(C, b"EXIT")]
     assert flat(room.receive(B, b"Q bob", 0)) == [(A, b"\nbob left the room"), (B, b"EXIT")]
     room = joined(make_room(announce_limit=1), (A, "alice"), (B, "bob"))
-    assert flat(room.kick("bob", "x"))[-1] == (A, b"\nbob was removed from the room: x")
+    room.kick("bob", "x")
+    assert flat(room.flush())[-1] == (A, b"\nbob was removed from the room: x")
 
 
 # -- ICMP "unreachable" reports: anyone can forge them ---------------------------------
@@ -215,19 +227,21 @@ def gone(room: Room, name: str) -> bool:
 def test_reports_about_a_session_that_spoke_within_the_grace_are_ignored():
     room = joined(make_room(unreachable_after=3, unreachable_grace=60), (A, "alice"), (B, "bob"))
     room.receive(A, b"C alice hi", 100)
-    for tenth in range(1000, 1600):  # ten forged reports a second, until 60 s after her line
-        assert room.unreachable(A, tenth / 10) == []
+    steps = [room.unreachable(A, tenth / 10)  # ten forged reports a second, for 60 s after
+             for tenth in range(1000, 1600)]   # her line
+    assert all(step.deliveries == [] for step in steps)
     assert not gone(room, "alice")
-    assert room.drops["icmp_ignored"] == 600
+    assert drops(*steps) == {"icmp_ignored": 600}
 
 
 def test_a_burst_of_reports_counts_once_and_a_vanished_client_still_goes():
     room = joined(make_room(unreachable_after=3, unreachable_grace=60), (A, "alice"), (B, "bob"))
-    for tenth in range(600, 800):  # silent for 60 s: believed, but 10 s count as one report
-        room.unreachable(A, tenth / 10)
-    assert not gone(room, "alice") and room.drops["icmp_ignored"] == 198  # 60 and 70 counted
-    assert flat(room.unreachable(A, 80)) == [(B, b"\nalice left the room (unreachable)")]
-    assert ("user_left", {"name": "alice", "addr": A, "reason": "unreachable"}) in room.events
+    # silent for 60 s: believed, but 10 s count as one report
+    steps = [room.unreachable(A, tenth / 10) for tenth in range(600, 800)]
+    assert not gone(room, "alice") and drops(*steps) == {"icmp_ignored": 198}  # 60, 70 counted
+    last = room.unreachable(A, 80)
+    assert flat(last) == [(B, b"\nalice left the room (unreachable)")]
+    assert last.events == [UserLeft("alice", A, LeaveReason.UNREACHABLE)]
 
 
 def test_a_word_from_the_session_starts_the_count_again():
@@ -263,8 +277,8 @@ def test_no_grace_believes_a_report_at_once_but_still_spaces_them():
 def test_reports_about_strangers_or_with_the_rule_off_change_nothing():
     room = joined(make_room(unreachable_after=0, unreachable_grace=0), (A, "alice"))
     for second in range(100):
-        assert room.unreachable(A, second) == [] and room.unreachable(B, second) == []
-    assert not gone(room, "alice") and not room.drops
+        assert room.unreachable(A, second) == Step() and room.unreachable(B, second) == Step()
+    assert not gone(room, "alice")
 
 
 def test_a_pause_of_the_server_is_nobodys_silence():
@@ -272,8 +286,8 @@ def test_a_pause_of_the_server_is_nobodys_silence():
     room.receive(A, b"P alice", 0)
     room.receive(B, b"P bob", 8)
     room.pause(20, now=28)  # the server stood still from 8 to 28
-    assert room.expire(28) == [] and len(room) == 2
-    assert room.next_expiry() == 30  # alice: 0 + 20 of the pause + 10
+    assert room.expire(28) == Step() and len(room) == 2
+    assert room.expire(30) == Step()  # alice: 0 + 20 of the pause + 10
     assert flat(room.expire(30.5)) == [(B, b"\nalice left the room (timed out)")]
     assert room.session("bob").last_seen == 28  # never later than now
 # -- names that look like another's --------------------------------------------------------
@@ -282,10 +296,9 @@ def test_a_pause_of_the_server_is_nobodys_silence():
 @pytest.mark.parametrize("name", ["\u0430dmin", "\u0410DMIN", "adm\u0456n", "\u0430d\u034fmin"])
 def test_names_that_look_like_the_admins_are_refused(name):
     room = make_room()
-    assert flat(room.receive(A, f"L {name}".encode(), 0)) == [
-        (A, f"\nthe name {name} looks too much like admin".encode())]
-    assert room.events[-1] == ("login_refused", {"name": name, "addr": A,
-                                                 "reason": "name_confusable"})
+    step = room.receive(A, f"L {name}".encode(), 0)
+    assert flat(step) == [(A, f"\nthe name {name} looks too much like admin".encode())]
+    assert step.events == [LoginRefused(name, A, "name_confusable")]
     assert len(room) == 0
 
 
@@ -314,6 +327,7 @@ def test_a_kicked_or_timed_out_name_is_free_again():
     room.receive(A, b"P alice", 1)
     room.expire(10)
     room.kick("mallory", "x")
+    room.flush()
     assert len(room) == 0
     assert flat(room.receive(C, "L \u0430lice".encode(), 11)) == [(C, b"OK")]
     assert flat(room.receive(A, b"L rnallory", 11))[0] == (A, b"OK")

@@ -245,3 +245,19 @@ def test_sighup_with_a_hostile_file_keeps_the_room_serving(users, chatd, name):
     assert alice.ping() == b"PONG"
     users("bob")  # joins: the room still takes logins
     assert chatd.proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_sighup_with_a_bad_plugin_option_names_its_line_and_changes_nothing(users, chatd):
+    alice = users("alice")
+    text = chatd.config.read_text() + "room:\n  max_users: 1\nplugins:\n  history:\n    size: 0\n"
+    chatd.config.write_text(text)
+    chatd.reload()
+    failed = wait_for(lambda: [e for e in chatd.log_events() if e["event"] == "reload_failed"],
+                      what="reload_failed")
+    line = len(text.splitlines())
+    assert f"{chatd.config}, line {line}: plugins.history.size: must be at least 1" in (
+        failed[0]["error"])
+    assert alice.ping() == b"PONG"
+    users("bob")  # max_users: 1 was not applied either
+    assert not [e for e in chatd.log_events() if e["event"] == "reloaded"]

@@ -218,7 +218,7 @@ def test_units_agree_with_chatd() -> None:
     runtime_dir = "/run/chatd"
     as_root = config_mod.from_mapping({"runtime_dir": runtime_dir})
     assert forking["PIDFile"] == [as_root.pidfile]
-    assert sock["ListenDatagram"] == [str(config_mod.SCHEMA["listen.port"][1])]
+    assert sock["ListenDatagram"] == [str(config_mod.DEFAULTS["listen.port"])]
     # the loop pings from a 1 s tick, at half the interval: shorter would starve the watchdog
     watchdog = notify["WatchdogSec"][0]
     assert watchdog.endswith("s") and float(watchdog[:-1]) >= 3

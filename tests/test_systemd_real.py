@@ -107,8 +107,11 @@ def place_source(root: Path) -> None:
 
 
 def forget_host_install(root: Path) -> None:
-    """A chatd installed on the host would shadow the one under test (and keep its config)."""
-    for path in ("etc/chatd", "usr/local/lib/chatd", "etc/systemd/system/chatd.service.d"):
+    """A chatd installed or run on the host would shadow the one under test: its config, or
+    a /var/log/chatd that root made for `chatd start` (the units' dynamic user could not write
+    there, and check-config refuses the start)."""
+    for path in ("etc/chatd", "usr/local/lib/chatd", "etc/systemd/system/chatd.service.d",
+                 "var/log/chatd", "var/lib/chatd", "run/chatd"):
         shutil.rmtree(root / path, ignore_errors=True)
     for unit in UNITS:
         for directory in ("usr/local/lib/systemd/system", "etc/systemd/system"):

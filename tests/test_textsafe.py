@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from chatd import config
+from chatd.events import Said, Step
 from chatd.plugins import Plugin, PluginManager, hookimpl
 from chatd.plugins.catalog import Catalog, default_catalog, spec_for
-from chatd.room import Delivery, NoHooks, Room
+from chatd.room import NoHooks, Room
 from chatd.textsafe import neutralise
 
 A, B, C = ("10.0.0.1", 1001), ("10.0.0.2", 1002), ("10.0.0.3", 1003)
@@ -16,8 +17,8 @@ ATTACK = "hi\n\nadmin says: reboot now"
 BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
 
-def to(addr, deliveries: list[Delivery]) -> list[bytes]:
-    return [d.payload for d in deliveries if addr in d.addrs]
+def to(addr, step: Step) -> list[bytes]:
+    return step.to(addr)
 
 
 @pytest.mark.parametrize(("text", "shown"), [
@@ -57,7 +58,7 @@ def make_room(hooks=None, **room) -> Room:
     if hooks is not None:
         made.hooks = hooks
     for addr, name in ((A, "mallory"), (B, "alice"), (C, "bob")):
-        assert made.receive(addr, f"L {name}".encode(), 0)[0].payload == b"OK"
+        assert made.receive(addr, f"L {name}".encode(), 0).to(addr)[0] == b"OK"
     return made
 
 
@@ -65,8 +66,7 @@ def test_chat_line_reaches_the_others_on_one_line():
     room = make_room()
     out = room.receive(A, f"C mallory {ATTACK}".encode(), 1)
     assert to(B, out) == to(C, out) == [b"\nmallory says: hi\\x0a\\x0aadmin says: reboot now"]
-    assert room.events[-1] == ("chat", {"name": "mallory",
-                                        "text": "hi\\x0a\\x0aadmin says: reboot now"})
+    assert out.events[-1] == Said("mallory", "hi\\x0a\\x0aadmin says: reboot now")
 
 
 def test_escapes_count_towards_the_datagram_limit():

@@ -11,6 +11,7 @@ from chatd import __version__, daemon
 from chatd import config as config_mod
 from chatd import log as log_mod
 from chatd.cli import verbs
+from chatd.plugins import check_settings
 
 EXIT_USAGE = 2
 
@@ -64,7 +65,7 @@ def effective_yaml(settings: config_mod.Settings) -> str:
     """The settings as a YAML file that ``-c`` would accept, every key spelled out."""
     nested: dict = {}
     for key, value in config_mod.as_flat_dict(settings).items():
-        if key in ("daemon.umask", "control.mode"):
+        if key in config_mod.OCTAL_KEYS:
             value = _Octal(value)
         section, _, name = key.partition(".")
         if name:
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("stop", "status", "reload"):
             # a broken file must not keep anyone from stopping or asking the daemon;
             # on reload the daemon itself says what is wrong with it
-            settings, problem = config_mod.locate(path)
+            settings, problem = config_mod.locate(path, check_plugins=check_settings)
             if problem is not None and args.command != "reload":
                 log_mod.print_stderr(f"chatd: warning: {problem}", "warning")
         else:
-            settings = config_mod.load(path)
+            settings = config_mod.load(path, check_plugins=check_settings)
     except config_mod.ConfigError as exc:
         log_mod.print_stderr(f"chatd: config error: {exc}")
         return EXIT_USAGE

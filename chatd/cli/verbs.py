@@ -15,9 +15,10 @@ import signal
 from chatd import daemon, safefs
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
-from chatd.config import Settings, describe_reload
+from chatd.config import describe_reload
 from chatd.control.client import ControlError, daemon_uid, request
 from chatd.pidfile import State
+from chatd.settings import Settings
 
 EXIT_DENIED = 4  # stop/reload: permission denied (status: LSB "unknown")
 

@@ -16,9 +16,9 @@ import stat
 from typing import Any
 
 from chatd import safefs
-from chatd.config import Settings
 from chatd.control.channel import LineChannel
 from chatd.control.peers import peer_credentials
+from chatd.settings import Settings
 
 
 class ControlError(Exception):

@@ -16,7 +16,7 @@ import stat
 import structlog
 
 from chatd import safefs
-from chatd.config import ControlSettings
+from chatd.settings import ControlSettings
 
 log = structlog.get_logger("chatd")
 

@@ -2,18 +2,23 @@
 
 What a plugin author needs is importable from here: :data:`hookimpl`,
 :class:`Plugin`, :class:`Option`, :class:`RoomAPI`, :class:`TextTooLong`.
-What the server and the config need: :class:`PluginManager`,
-:func:`check_settings`, :class:`PluginConfigError`. See docs/plugins.md.
+What the server and the programs that read a configuration need:
+:class:`PluginManager`, :func:`check_settings`, :class:`PluginConfigError`.
+See docs/plugins.md.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from chatd.plugins.api import RoomAPI, TextTooLong, User
 from chatd.plugins.base import Plugin
 from chatd.plugins.catalog import GROUP, check_settings
-from chatd.plugins.manager import PluginManager
 from chatd.plugins.markers import hookimpl, hookspec
 from chatd.plugins.options import Option, PluginConfigError, absolute_path
+
+if TYPE_CHECKING:
+    from chatd.plugins.manager import PluginManager
 
 __all__ = [
     "GROUP",
@@ -29,3 +34,14 @@ __all__ = [
     "hookimpl",
     "hookspec",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """:class:`PluginManager` on first use: importing this package (a plugin for
+    :data:`hookimpl`, a program for :func:`check_settings`) does not load the manager
+    and the logging it brings."""
+    if name == "PluginManager":
+        from chatd.plugins.manager import PluginManager
+
+        return PluginManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

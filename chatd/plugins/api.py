@@ -105,7 +105,7 @@ class RoomAPI:
         Kicking the sender from ``chatd_message`` does not stop the line:
         return ``False`` as well to drop it.
         """
-        return self._room.queue_kick(name, reason)
+        return self._room.kick(name, reason)
 
     def render(self, template: str, **fields: Any) -> str:
         """One of the room's templates (``chat``, ``joined``, ...) in the configured locale."""

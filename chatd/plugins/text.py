@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from chatd.textsafe import truncate_utf8
+
 
 def cut(text: str, limit: int) -> str:
     """``text`` shortened to ``limit`` bytes of UTF-8, never inside a character."""
     data = text.encode()
-    if len(data) <= limit:
-        return text
-    return data[:limit].decode("utf-8", "ignore")
+    return text if len(data) <= limit else truncate_utf8(data, limit).decode()
 
 
 def pack_one(parts: list[str], limit: int, sep: str = "\n") -> str:
