@@ -12,7 +12,7 @@ import functools
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from chatd import protocol
 from chatd.config import RoomSettings
@@ -58,7 +58,7 @@ class RoomHooks(Protocol):
 
     def joined(self, name: str) -> None: ...
 
-    def message(self, name: str, text: str) -> str | None: ...  # new text, or None to drop
+    def message(self, name: str, text: str) -> str | Literal[False]: ...  # new text, or False
 
     def command(self, name: str, command: str, args: str) -> bool: ...  # True when handled
 
@@ -76,7 +76,7 @@ class NoHooks:
     def joined(self, name: str) -> None:
         return None
 
-    def message(self, name: str, text: str) -> str | None:
+    def message(self, name: str, text: str) -> str | Literal[False]:
         return text
 
     def command(self, name: str, command: str, args: str) -> bool:
@@ -417,7 +417,7 @@ class Room:
                 self._send_text(session.addr, "unknown_command", command=neutralise(command))
             return
         rewritten = self.hooks.message(session.name, text)
-        if rewritten is None:
+        if rewritten is False:
             return
         rewritten = neutralise(rewritten)  # after the plugins, so that none can undo it
         payload = self._render("chat", name=session.name, text=rewritten)
