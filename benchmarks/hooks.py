@@ -29,13 +29,11 @@ import gc
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import common
 import pluggy
 
-import chatd
 from chatd import config
 from chatd import log as chatd_log
 from chatd.plugins import PluginManager
@@ -125,13 +123,7 @@ def _quiet(measure: Callable[[int], int], lines: int) -> int:
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "benchmark": "hooks",
-        "machine": common.machine_info(),
-        "params": {k: v for k, v in vars(args).items() if k != "json"},
-        "chatd": str(Path(chatd.__file__).parent),  # which tree was measured
-        "results": [],
-    }
+    report = common.new_report("hooks", args, results=[])
     chatd_log.configure(SETTINGS.log)
     report["pluggy_call_ns"] = fastest(time_pluggy_call, args.lines, args.rounds)
     log(f"  pluggy call: {report['pluggy_call_ns']} ns")
@@ -172,15 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lines must be at least 1000 and --rounds at least 1")
     args.lines -= args.lines % 1000
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    log = common.progress
 
     report = run(args, log)
-    if args.json:
-        common.dump_json(report)
-    else:
-        print_tables(report)
-    return 0
+    return common.output(report, args.json, print_tables)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,10 @@ import itertools
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import common
 
-import chatd
 from chatd import config
 from chatd import log as chatd_log
 from chatd.plugins import PluginManager
@@ -198,14 +196,7 @@ def deep_size(table: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "benchmark": "logins",
-        "machine": common.machine_info(),
-        "params": {k: v for k, v in vars(args).items() if k != "json"},
-        "chatd": str(Path(chatd.__file__).parent),  # which tree was measured
-        "results": [],
-        "memory": [],
-    }
+    report = common.new_report("logins", args, results=[], memory=[])
     chatd_log.configure(SETTINGS.log)
     one_round(WARM_UP_SOURCES, 0)  # first calls and caches: not what is measured
     for n in args.sources:
@@ -273,15 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.memory_hosts < 1:
         parser.error("--rounds and --memory-hosts must be at least 1")
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    log = common.progress
 
     report = run(args, log)
-    if args.json:
-        common.dump_json(report)
-    else:
-        print_tables(report)
-    return 0
+    return common.output(report, args.json, print_tables)
 
 
 if __name__ == "__main__":
