@@ -29,7 +29,8 @@ Then memory: ``--memory-hosts`` addresses (default 100,000, the default cap)
 log in through the plugin manager, and the limiter's table is measured
 (``sys.getsizeof`` of it, its keys and values and their numbers, rounded to
 pymalloc's blocks) and divided by the addresses tracked: for IPv4 and for
-IPv6 addresses of 38 characters.
+IPv6 addresses of 38 characters, each in a /64 of its own (the table is
+keyed by the /64).
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def ipv4_source(i: int) -> str:
 
 
 def ipv6_source(i: int) -> str:
-    """Distinct addresses as long as they come (38 characters, no group to compress)."""
-    groups = [0x1000 + (i >> shift & 0xfff) for shift in (60, 48, 36, 24, 12, 0)]
+    """Addresses as long as they come (38 characters, no group to compress), each in a /64
+    of its own: ``ratelimit`` counts a /64 as one host (``room.ipv6_prefix``)."""
+    groups = [0x1000 + (i >> shift & 0xfff) for shift in (12, 0, 60, 48, 36, 24)]
     return "2001:db8:" + ":".join(f"{g:x}" for g in groups)
 
 
