@@ -149,6 +149,14 @@ class Sloppy(Plugin):
         return 42 if text.lower() == "answer" else None
 
 
+class Wrapper(Plugin):
+    """A new-style hook wrapper: chatd's call loop does not run wrappers, so it is refused."""
+
+    @hookimpl(wrapper=True)
+    def chatd_message(self, text: str) -> Any:
+        return (yield)
+
+
 class Leaves(Plugin):
     """Records the reasons chatd_left is called with."""
 
@@ -163,7 +171,8 @@ def make(plugins: dict | None = None, *, clock=None, **extra) -> tuple[Room, Plu
     specs = dict(default_catalog().specs)
     for name, cls in {"upper": Upper, "dropper": Dropper, "doorman": Doorman,
                       "bouncer": Bouncer, "flaky": Flaky, "keeper": Keeper, "typo": Typo,
-                      "slow": Slow, "sloppy": Sloppy, "leaves": Leaves}.items():
+                      "slow": Slow, "sloppy": Sloppy, "leaves": Leaves,
+                      "wrapper": Wrapper}.items():
         specs[name] = spec_for(name, cls, builtin=False, source="test")
     room = Room(config.from_mapping({}).room)
     kwargs: dict[str, Any] = {"catalog": Catalog(specs), **extra}
@@ -442,6 +451,17 @@ def test_plugin_with_an_unknown_hook_is_refused_at_enable():
     described = state(manager, "typo")
     assert (described["enabled"], described["reason"]) == (False, "error")
     assert any(e["event"] == "plugin_failed" and "chatd_mesage" in e["error"] for e in logs)
+
+
+def test_a_hook_wrapper_is_refused_at_enable_and_the_room_goes_on():
+    with capture_logs() as logs:
+        room, manager = make({"wrapper": True, "upper": True})
+    described = state(manager, "wrapper")
+    assert (described["enabled"], described["reason"]) == (False, "error")
+    assert any(e["event"] == "plugin_failed" and "wrappers are not supported" in e["error"]
+               for e in logs)
+    join(room, (A, "alice"), (B, "bob"))
+    assert to(B, room.receive(A, b"C alice hi", 1)) == [b"\nalice says: HI"]
 
 
 def test_slow_hook_is_logged_and_counted():
