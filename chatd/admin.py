@@ -24,8 +24,9 @@ from daemon.daemon import close_all_open_files
 
 from chatd import control
 from chatd import log as log_mod
+from chatd.formats import format_addr, iso_time
 from chatd.room import TextTooLong
-from chatd.server import Server, format_addr
+from chatd.server import Server
 
 log = structlog.get_logger("chatd")
 
@@ -287,7 +288,7 @@ def cmd_who(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     now_wall, now = time.time(), time.monotonic()
     return _ok([
         {"name": s.name, "addr": format_addr(s.addr),
-         "login_time": _iso(now_wall - (now - s.joined_at)),
+         "login_time": iso_time(now_wall - (now - s.joined_at)),
          "idle": round(now - s.last_seen, 1), "keepalive": s.keepalive,
          "verified": s.verified}
         for s in server.room.sessions()
@@ -341,6 +342,3 @@ def execute(server: Server, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         log.exception("admin_command_failed", cmd=cmd)
         return _error(f"internal error: {exc}")
 
-
-def _iso(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

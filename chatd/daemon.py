@@ -30,8 +30,9 @@ from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
 from chatd.admin import AdminStartError, AdminSupervisor
 from chatd.config import Settings, describe_reload
+from chatd.formats import format_addr
 from chatd.pidfile import PidFile, State
-from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
+from chatd.server import BindError, Server, bind_udp, tune_socket
 
 log = structlog.get_logger("chatd")
 

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import structlog
 
 from chatd import safefs
+from chatd.formats import iso_time
 from chatd.settings import LogSettings
 
 # syslog priorities, for journald's "<N>" prefixes on stderr
@@ -152,7 +153,7 @@ class Sink:
         self._reopen_failed = True
         note = {"event": "log_reopen_failed", "path": self.path,
                 "error": exc.strerror or str(exc), "level": "error",
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "timestamp": iso_time(),
                 "pid": os.getpid(), "hint": "lines go on to this file until it can be "
                 "reopened; give chatd's user write access to the log directory"}
         with contextlib.suppress(OSError):
