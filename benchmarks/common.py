@@ -4,7 +4,10 @@ Why it is built this way:
 
 * Servers are real processes started the way an operator would (``chatd run -c
   FILE``), ready when they say ``READY=1`` on a ``NOTIFY_SOCKET`` (the
-  baseline speaks the same protocol): nothing waits by sleeping.
+  baseline speaks the same protocol): nothing waits by sleeping. Ports and
+  the notify socket come from the tests' helpers (``tests/helpers.py``): a
+  port below the kernel's ephemeral range, which no other socket can be
+  handed meanwhile.
 * Every server runs in its own session, is stopped by PID (SIGTERM, then
   SIGKILL to its process group) in ``finally`` blocks and is always reaped.
 * Latency is the kernel's receive timestamp (``SO_TIMESTAMPNS``) minus the send
@@ -17,8 +20,8 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import datetime
 import json
 import os
 import platform
@@ -32,16 +35,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import chatd
+from chatd.formats import iso_time
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 HOST = "127.0.0.1"
+
+sys.path.insert(0, str(REPO / "tests"))  # one home for port picking and notify listening
+from helpers import Notifications, free_udp_port  # noqa: E402
 
 #: Linux (generic and x86) values; the socket module does not export them.
 SO_TIMESTAMPNS = 35
@@ -74,7 +82,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "python": platform.python_version(),
         "kernel": platform.release(),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": iso_time(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -87,12 +95,6 @@ def raise_nofile(wanted: int) -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -110,34 +112,6 @@ def proc_rss_bytes(pid: int) -> int:
 
 
 # -- servers -----------------------------------------------------------------------
-
-
-class Notify:
-    """An abstract AF_UNIX datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self) -> None:
-        self.name = f"@chatd-bench-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name[1:])
-
-    def wait_ready(self, proc: subprocess.Popen, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"server not ready within {timeout} s")
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with status {proc.returncode}")
-            self.sock.settimeout(min(remaining, 0.5))
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            if b"READY=1" in data.split(b"\n"):
-                return
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def chatd_config(workdir: Path, port: int, max_users: int) -> Path:
@@ -181,7 +155,7 @@ class Server:
             if kind == "baseline-mmsg":
                 self.command.append("--sendmmsg")
         self.proc: subprocess.Popen | None = None
-        self._notify: Notify | None = None
+        self._notify: Notifications | None = None
 
     @property
     def pid(self) -> int:
@@ -189,7 +163,7 @@ class Server:
         return self.proc.pid
 
     def start(self, timeout: float = 30.0) -> Server:
-        self._notify = Notify()
+        self._notify = Notifications()
         env = {**os.environ, "NOTIFY_SOCKET": self._notify.name}
         out = open(self.workdir / "output.txt", "wb")  # noqa: SIM115 - the child owns a copy
         try:
@@ -198,12 +172,11 @@ class Server:
                                          start_new_session=True)
         finally:
             out.close()
-        try:
-            self._notify.wait_ready(self.proc, timeout)
-        except RuntimeError as exc:
+        problem = self._notify.wait_ready(self.proc, timeout)
+        if problem is not None:
             self.stop()
             tail = (self.workdir / "output.txt").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.kind}: {exc}\n{tail}") from None
+            raise RuntimeError(f"{self.kind} {problem}\n{tail}")
         return self
 
     def cpu_seconds(self) -> float:
@@ -551,6 +524,33 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def new_report(benchmark: str, args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+    """What every report starts with: the benchmark, the machine, the parameters, which
+    chatd tree was measured; then ``fields``."""
+    return {
+        "benchmark": benchmark,
+        "machine": machine_info(),
+        "params": {k: v for k, v in vars(args).items() if k != "json"},
+        "chatd": str(Path(chatd.__file__).parent),
+        **fields,
+    }
+
+
+def progress(message: str) -> None:
+    """A line of progress, to stderr: stdout is for the report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def output(report: dict[str, Any], as_json: bool,
+           print_tables: Callable[[dict[str, Any]], None]) -> int:
+    """The report on stdout, as JSON or as the script's tables; the exit status."""
+    if as_json:
+        dump_json(report)
+    else:
+        print_tables(report)
+    return 0
 
 
 def dump_json(data: Any) -> None:

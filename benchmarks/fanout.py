@@ -258,24 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes must be >= 2 and rounds >= 1")
     common.raise_nofile(sum(args.sizes) * len(args.servers) + 256)
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    log = common.progress
 
-    report: dict[str, Any] = {
-        "benchmark": "fanout",
-        "machine": common.machine_info(),
-        "params": {k: v for k, v in vars(args).items() if k != "json"},
-        "results": [],
-    }
+    report = common.new_report("fanout", args, results=[])
     for n in args.sizes:
         log(f"N = {n}")
         report["results"] += run_size(n, args, log)
     report["ratios"] = ratios(report["results"])
-    if args.json:
-        common.dump_json(report)
-    else:
-        print_tables(report)
-    return 0
+    return common.output(report, args.json, print_tables)
 
 
 if __name__ == "__main__":

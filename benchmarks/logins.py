@@ -29,7 +29,8 @@ Then memory: ``--memory-hosts`` addresses (default 100,000, the default cap)
 log in through the plugin manager, and the limiter's table is measured
 (``sys.getsizeof`` of it, its keys and values and their numbers, rounded to
 pymalloc's blocks) and divided by the addresses tracked: for IPv4 and for
-IPv6 addresses of 38 characters.
+IPv6 addresses of 38 characters, each in a /64 of its own (the table is
+keyed by the /64).
 """
 
 from __future__ import annotations
@@ -41,12 +42,10 @@ import itertools
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import common
 
-import chatd
 from chatd import config
 from chatd import log as chatd_log
 from chatd.plugins import PluginManager
@@ -64,9 +63,9 @@ def ipv4_source(i: int) -> str:
 
 
 def ipv6_source(i: int) -> str:
-    """Distinct addresses as long as they come (38 characters, no group to compress), each
-    in a /64 of its own: the limiter counts an IPv6 host by its /64 (room.ipv6_prefix)."""
-    groups = [0x1000 + (i >> shift & 0xfff) for shift in (0, 12, 24, 36, 48, 60)]
+    """Addresses as long as they come (38 characters, no group to compress), each in a /64
+    of its own: ``ratelimit`` counts a /64 as one host (``room.ipv6_prefix``)."""
+    groups = [0x1000 + (i >> shift & 0xfff) for shift in (12, 0, 60, 48, 36, 24)]
     return "2001:db8:" + ":".join(f"{g:x}" for g in groups)
 
 
@@ -198,14 +197,7 @@ def deep_size(table: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "benchmark": "logins",
-        "machine": common.machine_info(),
-        "params": {k: v for k, v in vars(args).items() if k != "json"},
-        "chatd": str(Path(chatd.__file__).parent),  # which tree was measured
-        "results": [],
-        "memory": [],
-    }
+    report = common.new_report("logins", args, results=[], memory=[])
     chatd_log.configure(SETTINGS.log)
     one_round(WARM_UP_SOURCES, 0)  # first calls and caches: not what is measured
     for n in args.sources:
@@ -273,15 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.memory_hosts < 1:
         parser.error("--rounds and --memory-hosts must be at least 1")
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    log = common.progress
 
     report = run(args, log)
-    if args.json:
-        common.dump_json(report)
-    else:
-        print_tables(report)
-    return 0
+    return common.output(report, args.json, print_tables)
 
 
 if __name__ == "__main__":

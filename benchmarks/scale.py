@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 2:
         parser.error("at least 2 sessions")
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+    log = common.progress
 
     note = ""
     limit = common.raise_nofile(args.sessions + FD_MARGIN)
@@ -184,20 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         note = (f"RLIMIT_NOFILE allows {limit} descriptors: {n} sessions instead of "
                 f"{args.sessions}")
         log(note)
-    report: dict[str, Any] = {
-        "benchmark": "scale",
-        "machine": common.machine_info(),
-        "params": {**{k: v for k, v in vars(args).items() if k != "json"}, "sessions_used": n},
-        "note": note,
-        "results": [],
-    }
+    report = common.new_report("scale", args, note=note, results=[])
+    report["params"]["sessions_used"] = n
     for kind in args.servers:
         report["results"].append(run_server(kind, n, args, log))
-    if args.json:
-        common.dump_json(report)
-    else:
-        print_tables(report)
-    return 0
+    return common.output(report, args.json, print_tables)
 
 
 if __name__ == "__main__":

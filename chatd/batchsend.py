@@ -319,12 +319,6 @@ class BatchSender:
             start += 1  # the message at ``start`` failed: skip it
         return sent
 
-    def forget(self) -> None:
-        """Drop every cached header (after many clients left, say)."""
-        for cache in self._caches.values():
-            cache.clear()
-            cache.names.clear()
-
 
 def _lookup(cache: _HeaderCache, addr: Any) -> bytes | None:
     try:

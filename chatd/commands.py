@@ -14,8 +14,9 @@ from typing import Any
 
 import structlog
 
+from chatd.formats import format_addr, iso_time
 from chatd.room import TextTooLong
-from chatd.server import Server, format_addr
+from chatd.server import Server
 
 log = structlog.get_logger("chatd")
 
@@ -49,7 +50,7 @@ def cmd_who(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     now_wall, now = time.time(), time.monotonic()
     return _ok([
         {"name": s.name, "addr": format_addr(s.addr),
-         "login_time": _iso(now_wall - (now - s.joined_at)),
+         "login_time": iso_time(now_wall - (now - s.joined_at)),
          "idle": round(now - s.last_seen, 1), "keepalive": s.keepalive,
          "verified": s.verified}
         for s in server.room.sessions()
@@ -102,7 +103,3 @@ def execute(server: Server, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # an admin request must not stop the room either
         log.exception("admin_command_failed", cmd=cmd)
         return _error(f"internal error: {exc}")
-
-
-def _iso(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

@@ -33,8 +33,9 @@ from chatd.admin import AdminService, AdminStartError
 from chatd.config import Settings
 from chatd.control import files, peers
 from chatd.control.channel import LineBuffer
+from chatd.formats import format_addr
 from chatd.pidfile import PidFile, State
-from chatd.server import BindError, Server, bind_udp, format_addr, tune_socket
+from chatd.server import BindError, Server, bind_udp, tune_socket
 from chatd.services import Service
 
 log = structlog.get_logger("chatd")

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 import structlog
 
 from chatd import safefs
+from chatd.formats import iso_time
 from chatd.settings import LogSettings
 from chatd.tokenbucket import TokenBucket
 
@@ -154,7 +155,7 @@ class Sink:
         self._reopen_failed = True
         note = {"event": "log_reopen_failed", "path": self.path,
                 "error": exc.strerror or str(exc), "level": "error",
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "timestamp": iso_time(),
                 "pid": os.getpid(), "hint": "lines go on to this file until it can be "
                 "reopened; give chatd's user write access to the log directory"}
         with contextlib.suppress(OSError):

@@ -14,7 +14,7 @@ import functools
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from chatd import protocol
 from chatd.cookies import CookieJar
@@ -68,7 +68,7 @@ class RoomHooks(Protocol):
 
     def joined(self, name: str) -> None: ...
 
-    def message(self, name: str, text: str) -> str | None: ...  # new text, or None to drop
+    def message(self, name: str, text: str) -> str | Literal[False]: ...  # new text, or False
 
     def command(self, name: str, command: str, args: str) -> bool: ...  # True when handled
 
@@ -86,7 +86,7 @@ class NoHooks:
     def joined(self, name: str) -> None:
         return None
 
-    def message(self, name: str, text: str) -> str | None:
+    def message(self, name: str, text: str) -> str | Literal[False]:
         return text
 
     def command(self, name: str, command: str, args: str) -> bool:
@@ -471,7 +471,7 @@ class Room:
                 self._send_text(session.addr, "unknown_command", command=neutralise(command))
             return
         rewritten = self.hooks.message(session.name, text)
-        if rewritten is None:
+        if rewritten is False:
             return
         rewritten = neutralise(rewritten)  # after the plugins, so that none can undo it
         payload = self._render("chat", name=session.name, text=rewritten)

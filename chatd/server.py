@@ -39,6 +39,7 @@ from chatd.events import (
     Step,
     UserLeft,
 )
+from chatd.formats import format_addr, iso_time
 from chatd.plugins import PluginManager, check_settings
 from chatd.room import Room
 from chatd.services import Service, describe_status
@@ -76,13 +77,6 @@ SHUTDOWN_FLUSH_SECONDS = 2.0
 
 class BindError(Exception):
     """The UDP socket could not be set up; the message names the address."""
-
-
-def format_addr(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
 
 
 def bind_udp(listen: ListenSettings) -> socket.socket:
@@ -539,7 +533,7 @@ class Server:
             "pid": os.getpid(),
             "address": self.address,
             "uptime": round(time.monotonic() - self.started_monotonic, 1),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "started": iso_time(self.started),
             "users": len(self.room),
             "max_users": self.settings.room.max_users,
             "config": self.config_path,

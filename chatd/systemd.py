@@ -49,10 +49,6 @@ class Notifier:
                 and watchdog_pid in (None, str(os.getpid()))):
             self.watchdog_interval = int(watchdog) / 2e6  # ping at half the timeout
 
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
     def notify(self, **fields: object) -> bool:
         """Send one notification; True when it was sent."""
         if self._sock is None or self._address is None or os.getpid() != self._pid:
@@ -73,11 +69,6 @@ class Notifier:
 
     def stopping(self) -> bool:
         return self.notify(STOPPING=1)
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
 
 def forget_environment() -> None:

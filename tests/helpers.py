@@ -3,6 +3,9 @@
 Readiness is never guessed with sleeps: ``chatd run`` is started with a
 ``NOTIFY_SOCKET`` (an abstract AF_UNIX datagram socket) and the helper waits
 for its ``READY=1``, exactly as systemd would.
+
+The benchmarks (``benchmarks/common.py``) pick their ports and wait for their
+servers with :func:`free_udp_port` and :class:`Notifications` from here too.
 """
 
 from __future__ import annotations
@@ -129,6 +132,21 @@ class Notifications:
                 return message
             self.received.append(message)
 
+    def wait_ready(self, proc: subprocess.Popen, timeout: float) -> str | None:
+        """Wait for ``READY=1`` from ``proc``: None once it came, else why not (it exited,
+        or ``timeout`` passed: then it is left running, for the caller to stop)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.wait("READY", "1", timeout=0.2)
+                return None
+            except AssertionError:
+                pass
+            if proc.poll() is not None:
+                return f"exited with status {proc.returncode}"
+            if time.monotonic() > deadline:
+                return f"did not become ready within {timeout} s"
+
     def close(self) -> None:
         self.sock.close()
 
@@ -160,20 +178,12 @@ class ChatdProcess:
         self.proc = subprocess.Popen(
             [*self.wrapper, *CHATD, "run", "-c", str(self.config)], env=self.env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.notify.wait("READY", "1", timeout=0.2)
-                return self
-            except AssertionError:
-                pass
-            if self.proc.poll() is not None:
-                problem = f"chatd exited with status {self.proc.returncode}"
-                break
-            if time.monotonic() > deadline:
-                problem = f"chatd did not become ready within {timeout} s"
-                self.proc.send_signal(signal.SIGABRT)  # faulthandler: where is it stuck?
-                break
+        problem = self.notify.wait_ready(self.proc, timeout)
+        if problem is None:
+            return self
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler: where is it stuck?
+        problem = f"chatd {problem}"
         try:
             _, err = self.proc.communicate(timeout=10)
         finally:

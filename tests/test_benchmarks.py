@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import Notifications
+from helpers import Notifications, free_udp_port
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -118,12 +118,23 @@ def test_logins_quick_reports_the_cost_per_login_at_two_sizes_and_the_memory():
                for m in memory.values())
 
 
+def test_hooks_quick_reports_the_cost_of_a_line_per_plugin_set():
+    report = run_quick("hooks.py")
+    assert report["benchmark"] == "hooks"
+    check_machine(report)
+    results = {r["plugins"]: r for r in report["results"]}
+    assert set(results) == {"none", "default", "busy"}
+    assert results["none"]["enabled"] == []
+    assert "ratelimit" in results["default"]["enabled"]
+    assert {"wordfilter", "history"} <= set(results["busy"]["enabled"])
+    assert all(r["hooks_ns_per_line"] > 0 and r["line_ns"] > 0 for r in results.values())
+    assert report["pluggy_call_ns"] > 0
+
+
 def test_the_baseline_server_speaks_the_protocol_subset():
     """What fanout measures it by: L -> OK, C -> the line to every other user, Q -> EXIT."""
     notify = Notifications()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_udp_port()
     command = [sys.executable, str(BENCH / "baseline_server.py"), "--port", str(port)]
     proc = subprocess.Popen(command, env={**os.environ, "NOTIFY_SOCKET": notify.name},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

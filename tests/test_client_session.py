@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,9 +11,11 @@ from hypothesis import strategies as st
 from chatd.client.pipe import split_lines
 from chatd.client.sanitize import safe_line, safe_text
 from chatd.client.session import (
+    TRANSITIONS,
     ClientSession,
     Closed,
     ConnectionLost,
+    Input,
     Joined,
     Line,
     LineTooLong,
@@ -205,6 +209,59 @@ def test_leave_before_joining_just_closes():
     session = ClientSession()
     assert session.leave(0.0) == [Closed(by_server=False, confirmed=False)]
     assert session.take_datagrams() == []
+
+
+# -- the machine as a whole ---------------------------------------------------------
+
+SERVER_SAYS = [b"OK", b"EXIT", b"PONG", b"COOKIE tok", b"COOKIE ", b"\nbob says: hi",
+               b"\nthe name is taken"]
+ACTIONS = st.one_of(
+    st.tuples(st.just("login"), st.sampled_from(["alice", "bob"])),
+    st.tuples(st.just("cancel"), st.none()),
+    st.tuples(st.just("say"), st.sampled_from(["hi", "x" * 600])),
+    st.tuples(st.just("leave"), st.none()),
+    st.tuples(st.just("receive"), st.sampled_from(SERVER_SAYS)),
+    st.tuples(st.just("tick"), st.floats(0.0, 20.0)),
+)
+
+
+@given(st.lists(ACTIONS, max_size=40))
+def test_any_sequence_keeps_the_machine_sound(actions):
+    """Whatever happens in whatever order: only the person's impossible requests raise,
+    a session with nothing to wait for has no deadline, and a closed one stays closed."""
+    session = ClientSession(keepalive=5.0, timeout=1.0, max_datagram=512)
+    now = 0.0
+    for action, value in actions:
+        closed = session.state is State.CLOSED
+        if action == "login":
+            allowed = session.state in (State.IDLE, State.LOGGING_IN)
+            try:
+                session.login(value, now)
+            except RuntimeError:
+                assert not allowed
+        elif action == "cancel":
+            session.cancel_login()
+        elif action == "say":
+            with contextlib.suppress(NotConnected, LineTooLong):
+                session.say(value)
+        elif action == "leave":
+            session.leave(now)
+        elif action == "receive":
+            session.receive(value, now)
+        else:
+            now += value
+            session.tick(now)
+        if session.state in (State.IDLE, State.CLOSED):
+            assert session.next_deadline() is None
+        if closed:
+            assert session.state is State.CLOSED and session.take_datagrams() == []
+        session.take_datagrams()
+
+
+def test_every_transition_of_the_table_leads_to_a_known_state():
+    assert all(state in State and kind in Input and nxt in State
+               for (state, kind), (nxt, _) in TRANSITIONS.items())
+    assert not any(state is State.CLOSED for state, _ in TRANSITIONS)  # CLOSED is final
 
 
 # -- names -------------------------------------------------------------------------

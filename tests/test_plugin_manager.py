@@ -6,8 +6,12 @@ so nothing here depends on what is installed.
 
 from __future__ import annotations
 
+import inspect
+import re
 import sqlite3
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 from structlog.testing import capture_logs
@@ -21,9 +25,11 @@ from chatd.plugins import (
     PluginManager,
     check_settings,
     hookimpl,
+    hookspecs,
 )
 from chatd.plugins import history as history_mod
 from chatd.plugins.catalog import Catalog, default_catalog, spec_for
+from chatd.plugins.contract import fits
 from chatd.plugins.ratelimit import ip_of
 from chatd.plugins.text import cut, lines, pack
 from chatd.plugins.wordfilter import word_pattern
@@ -132,13 +138,42 @@ class Slow(Plugin):
         return None
 
 
+class Sloppy(Plugin):
+    """Answers outside the hookspecs' annotations."""
+
+    @hookimpl
+    def chatd_command(self, command: str) -> Any:
+        return "yes" if command == "sloppy" else None
+
+    @hookimpl
+    def chatd_message(self, text: str) -> Any:
+        return 42 if text.lower() == "answer" else None
+
+
+class Wrapper(Plugin):
+    """A new-style hook wrapper: chatd's call loop does not run wrappers, so it is refused."""
+
+    @hookimpl(wrapper=True)
+    def chatd_message(self, text: str) -> Any:
+        return (yield)
+
+
+class Leaves(Plugin):
+    """Records the reasons chatd_left is called with."""
+
+    @hookimpl
+    def chatd_left(self, name: str, reason: str) -> None:
+        CALLS.append(("left", reason))
+
+
 def make(plugins: dict | None = None, *, clock=None, **extra) -> tuple[Room, PluginManager]:
     CALLS.clear()
     Flaky.fail, Flaky.made, Keeper.made = True, 0, 0
     specs = dict(default_catalog().specs)
     for name, cls in {"upper": Upper, "dropper": Dropper, "doorman": Doorman,
                       "bouncer": Bouncer, "flaky": Flaky, "keeper": Keeper, "typo": Typo,
-                      "slow": Slow}.items():
+                      "slow": Slow, "sloppy": Sloppy, "leaves": Leaves,
+                      "wrapper": Wrapper}.items():
         specs[name] = spec_for(name, cls, builtin=False, source="test")
     room = Room(config.from_mapping({}).room)
     kwargs: dict[str, Any] = {"catalog": Catalog(specs), **extra}
@@ -224,6 +259,107 @@ def test_message_chain_rewrites_in_turn_and_drop_stops_it():
     CALLS.clear()
     assert to(B, room.receive(A, b"C alice please drop this", 1)) == []
     assert CALLS == [("dropper", "please drop this")]  # nobody after a drop is asked
+
+
+def test_a_dropped_line_is_false_everywhere_never_none():
+    room, manager = make({"dropper": True})
+    join(room, (A, "alice"))
+    assert manager.message("alice", "please drop this") is False
+    assert manager.message("alice", "keep this") == "keep this"
+    assert manager._states["me"].api.rewrite("alice", "drop it") is False
+
+
+def test_hooks_are_called_through_pluggy():
+    """Every hook call goes through pluggy's hook relay: its monitoring sees them all."""
+    room, manager = make({"upper": True, "doorman": True})
+    seen: list[str] = []
+    undo = manager._pm.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: seen.append(hook), lambda *args: None)
+    try:
+        join(room, (A, "alice"), (B, "bob"))
+        assert to(B, room.receive(A, b"C alice hi", 1)) == [b"\nalice says: HI"]
+        room.receive(A, b"C alice /who", 1)
+        room.receive(B, b"Q bob", 1)
+    finally:
+        undo()
+    assert {"chatd_login", "chatd_message", "chatd_command", "chatd_left"} <= set(seen)
+
+
+def test_answers_outside_the_spec_are_failures_not_answers():
+    room, manager = make({"sloppy": True, "upper": True})
+    join(room, (A, "alice"), (B, "bob"))
+    with capture_logs() as logs:
+        # "yes" is not True: the command is not taken as handled
+        assert to(A, room.receive(A, b"C alice /sloppy", 1)) == [
+            b"\nunknown command /sloppy (try /help)"]
+        # 42 is no text: the line goes on as if sloppy had not answered
+        assert to(B, room.receive(A, b"C alice answer", 1)) == [b"\nalice says: ANSWER"]
+    failed = [e for e in logs if e["event"] == "plugin_failed"]
+    assert [e["hook"] for e in failed] == ["chatd_command", "chatd_message"]
+    assert "returned 'yes', not Literal[True] | None" in failed[0]["error"]
+    assert state(manager, "sloppy")["failures"] == 2
+
+
+def test_plugins_run_in_catalog_order_whatever_order_they_were_enabled_in():
+    room, manager = make({"dropper": False, "upper": True})
+    manager.reconfigure({"dropper": True, "upper": True})  # dropper comes later, runs first
+    join(room, (A, "alice"), (B, "bob"))
+    room.receive(A, b"C alice hello", 1)
+    assert CALLS == [("dropper", "hello"), ("upper", "hello")]
+    CALLS.clear()
+    manager.reconfigure({"dropper": True, "upper": True, "doorman": True, "bouncer": True})
+    room.receive(C, b"L carol", 1)
+    assert CALLS == [("doorman", "carol"), ("bouncer", "carol")]
+
+
+def test_chatd_left_is_called_with_the_reasons_its_spec_names():
+    doc = hookspecs.chatd_left.__doc__ or ""
+    documented = set(re.findall(r"``(\w+)``", doc.split("``reason`` is")[1].split("Not called")[0]))
+    settings = config.from_mapping({"room": {"max_users": 2, "evict_idle_after": 5,
+                                             "unreachable_after": 1, "unreachable_grace": 1,
+                                             "session_timeout": 10}})
+    room = Room(settings.room)
+    specs = {**default_catalog().specs, "leaves": spec_for("leaves", Leaves, builtin=False,
+                                                           source="test")}
+    manager = PluginManager(room, {"leaves": True}, catalog=Catalog(specs))
+    room.hooks = manager
+    manager.startup()
+    CALLS.clear()
+    join(room, (A, "alice"), (B, "bob"))
+    room.receive(A, b"Q alice", 1)                                     # quit
+    room.receive(A, verified_login(room, A, "alice", 1), 1)
+    room.kick("alice", "enough")                                        # kicked
+    room.receive(A, verified_login(room, A, "alice", 20), 20)
+    room.receive(C, verified_login(room, C, "carol", 20), 20)           # bob evicted
+    room.receive(A, b"P alice", 21)
+    room.expire(40)                                                     # alice: timeout
+    room.unreachable(C, 40)                                             # carol: unreachable
+    assert {reason for hook, reason in CALLS if hook == "left"} == documented
+    assert documented == {"quit", "kicked", "evicted", "timeout", "unreachable"}
+
+
+def test_docs_list_every_hook_as_its_spec_has_it():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    rows = {line.split("`")[1]: line for line in docs.splitlines()
+            if line.startswith("| `chatd_")}
+    specs = {name: getattr(hookspecs, name) for name in dir(hookspecs)
+             if name.startswith("chatd_")}
+    assert {row.split("(")[0] for row in rows} == set(specs)
+    for row in rows:
+        name = row.split("(")[0]
+        assert row == f"{name}({', '.join(inspect.signature(specs[name]).parameters)})"
+    left = rows[next(r for r in rows if r.startswith("chatd_left"))]
+    doc = hookspecs.chatd_left.__doc__ or ""
+    reasons = re.findall(r"``(\w+)``", doc.split("``reason`` is")[1].split("Not called")[0])
+    assert re.findall(r"`(\w+)`", left.split("|")[2]) == reasons
+
+
+def test_contract_checks_the_forms_hookspecs_use():
+    assert fits("x", str | None) and fits(None, str | None) and not fits(1, str | None)
+    assert fits(False, Literal[False]) and not fits(0, Literal[False])
+    assert fits(True, Literal[True] | None) and not fits("yes", Literal[True] | None)
+    assert fits({"a": "b"}, Mapping[str, str]) and not fits({"a": 1}, Mapping[str, str])
+    assert not fits(["a"], Mapping[str, str])
 
 
 def test_login_first_refusal_wins():
@@ -316,6 +452,17 @@ def test_plugin_with_an_unknown_hook_is_refused_at_enable():
     described = state(manager, "typo")
     assert (described["enabled"], described["reason"]) == (False, "error")
     assert any(e["event"] == "plugin_failed" and "chatd_mesage" in e["error"] for e in logs)
+
+
+def test_a_hook_wrapper_is_refused_at_enable_and_the_room_goes_on():
+    with capture_logs() as logs:
+        room, manager = make({"wrapper": True, "upper": True})
+    described = state(manager, "wrapper")
+    assert (described["enabled"], described["reason"]) == (False, "error")
+    assert any(e["event"] == "plugin_failed" and "wrappers are not supported" in e["error"]
+               for e in logs)
+    join(room, (A, "alice"), (B, "bob"))
+    assert to(B, room.receive(A, b"C alice hi", 1)) == [b"\nalice says: HI"]
 
 
 def test_slow_hook_is_logged_and_counted():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from chatd import protocol
 from chatd.client.session import ClientSession, Joined, NoAnswer, Refused
+from chatd.formats import format_addr
 
 RECV_SIZE = 65536
 
@@ -26,11 +27,7 @@ class Unreachable(Exception):
 
 
 def no_answer_message(host: str, port: int) -> str:
-    return f"no answer from {format_hostport(host, port)} — is chatd running?"
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"no answer from {format_addr((host, port))} — is chatd running?"
 
 
 def resolve(host: str, port: int) -> list[tuple[int, tuple]]:

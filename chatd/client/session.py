@@ -4,7 +4,9 @@ Both front ends feed it the same three things (datagrams from the server, the
 passing of time, what the person asks for) and act on the events it returns;
 it queues the datagrams to send. Time is an argument (monotonic seconds), so
 the unit tests drive retries, keepalives and reconnections with a fake clock
-instead of sleeping.
+instead of sleeping. Each of those inputs is an :class:`Input`, and one table,
+:data:`TRANSITIONS`, says for every (state, input) the next state and what
+to do (h11's style): the whole protocol, as seen from the client, on one page.
 
 UDP loses datagrams, so every exchange that matters has a deadline: ``L`` is
 retried, ``P`` is counted until it is answered, ``Q`` waits for ``EXIT`` only
@@ -15,8 +17,9 @@ cookie, and ``L name cookie`` follows as soon as it arrives (chatd.cookies).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from chatd import protocol
 from chatd.client.sanitize import safe_line
@@ -132,6 +135,40 @@ def name_error(name: str) -> str | None:
     return None
 
 
+# -- what can happen ------------------------------------------------------------
+
+
+class Input(enum.Enum):
+    """What the session reacts to: the person asks, a datagram arrives, a deadline passes."""
+
+    LOGIN = "login"  # the person: log in as a name
+    CANCEL = "cancel"  # the person: stop waiting for the answer to a login
+    SAY = "say"  # the person: one chat line
+    LEAVE = "leave"  # the person: leave the room
+    COOKIE = "cookie"  # the server: ``COOKIE token``, the answer to ``H``
+    OK = "OK"
+    EXIT = "EXIT"
+    PONG = "PONG"
+    STRAY = "stray"  # the server: a control word gone wrong (``COOKIE`` without a token)
+    TEXT = "text"  # the server: a line for the person
+    DUE = "due"  # the deadline passed, and the exchange has tries left
+    SPENT = "spent"  # the deadline passed, and it has none
+
+
+_WORDS: Final = {protocol.OK: Input.OK, protocol.EXIT: Input.EXIT, protocol.PONG: Input.PONG}
+
+
+def classify(datagram: bytes) -> tuple[Input, str | bytes]:
+    """What a datagram from the server is, and what the session needs of it."""
+    cookie = protocol.cookie_of(datagram)
+    if cookie is not None:
+        return Input.COOKIE, cookie
+    word = _WORDS.get(datagram)
+    if word is not None:
+        return word, datagram
+    return (Input.STRAY if protocol.is_control_word(datagram) else Input.TEXT), datagram
+
+
 # -- the machine ----------------------------------------------------------------
 
 
@@ -142,6 +179,10 @@ class ClientSession:
     ``keepalive`` is the interval between ``P`` (0 turns keepalives and loss
     detection off); ``timeout`` is how long each ``L`` and the final ``Q`` wait
     for their answer.
+
+    Every input goes through :data:`TRANSITIONS`: the pair (state, input)
+    names the next state and the action, and a pair not in the table is
+    ignored, except the person's ``login`` and ``say``, which raise.
     """
 
     keepalive: float = 30.0
@@ -160,116 +201,33 @@ class ClientSession:
     # -- what the person asks -----------------------------------------------
 
     def login(self, name: str, now: float) -> None:
-        """Send ``L name``; the answer (or its absence) comes back as an event."""
-        if self.state not in (State.IDLE, State.LOGGING_IN):
-            raise RuntimeError(f"cannot log in while {self.state.value}")
-        self.name = name
-        self.state = State.LOGGING_IN
-        self._tries = 0
-        self._send_login(now)
+        """Send ``L name`` (after ``H``); the answer (or its absence) comes back as an event."""
+        self._step(Input.LOGIN, now, name)
 
     def cancel_login(self) -> None:
         """Stop waiting for an answer (the front end knows nobody is listening)."""
-        if self.state is State.LOGGING_IN:
-            self.state = State.IDLE
-            self._deadline = None
+        self._step(Input.CANCEL, 0.0)
 
     def say(self, text: str) -> None:
         """Queue one chat line; raises :class:`NotSent` instead of sending what cannot work."""
-        if self.state is not State.IN_ROOM:
-            raise NotConnected(self.state)
-        assert self.name is not None
-        datagram = protocol.encode(protocol.Chat(self.name, text))
-        if len(datagram) > self.max_datagram:
-            raise LineTooLong(len(datagram), self.max_datagram)
-        self._outbox.append(datagram)
+        self._step(Input.SAY, 0.0, text)
 
     def leave(self, now: float) -> list[Event]:
         """Send ``Q`` and wait for ``EXIT``; leaving before joining just closes."""
-        if self.state in (State.IN_ROOM, State.LOST):
-            assert self.name is not None
-            self._outbox.append(protocol.encode(protocol.Quit(self.name)))
-            self.state = State.LEAVING
-            self._deadline = now + self.timeout
-            return []
-        if self.state in (State.IDLE, State.LOGGING_IN):
-            self.state = State.CLOSED
-            self._deadline = None
-            return [Closed(by_server=False, confirmed=False)]
-        return []
+        return self._step(Input.LEAVE, now)
 
     # -- what the network and the clock say -----------------------------------
 
     def receive(self, datagram: bytes, now: float) -> list[Event]:
         """Everything one datagram from the server means."""
-        state = self.state
-        cookie = protocol.cookie_of(datagram)
-        if cookie is not None:
-            if state in (State.LOGGING_IN, State.LOST):
-                assert self.name is not None
-                self._outbox.append(protocol.encode(protocol.Login(self.name, cookie)))
-            return []
-        if state is State.LOGGING_IN:
-            if datagram == protocol.OK:
-                self._enter_room(now)
-                assert self.name is not None
-                return [Joined(self.name)]
-            if protocol.is_control_word(datagram):
-                return []
-            self.state = State.IDLE
-            self._deadline = None
-            return [Refused(safe_line(datagram))]
-        if state in (State.IN_ROOM, State.LOST, State.LEAVING):
-            if datagram == protocol.EXIT:
-                by_server = state is not State.LEAVING
-                self.state = State.CLOSED
-                self._deadline = None
-                return [Closed(by_server=by_server,
-                               reason=self._last_line if by_server else None)]
-            if datagram == protocol.PONG:
-                self._unanswered = 0
-                return []
-            if datagram == protocol.OK:
-                if state is State.LOST:
-                    self._enter_room(now)
-                    assert self.name is not None
-                    return [Reconnected(self.name)]
-                return []  # a duplicate answer to a retried L
-            line = safe_line(datagram)
-            self._last_line = line
-            return [Line(line)]
-        return []  # IDLE or CLOSED: nothing we asked for
+        kind, value = classify(datagram)
+        return self._step(kind, now, value)
 
     def tick(self, now: float) -> list[Event]:
         """Whatever is due at ``now``: retries, keepalives, giving up."""
         if self._deadline is None or now < self._deadline:
             return []
-        state = self.state
-        if state is State.LOGGING_IN:
-            if self._tries >= self.login_tries:
-                self.state = State.IDLE
-                self._deadline = None
-                return [NoAnswer()]
-            self._send_login(now)
-            return []
-        if state is State.IN_ROOM:
-            if self._unanswered >= self.missed_pongs:
-                self.state = State.LOST
-                self._send_login(now, every=self.keepalive)
-                return [ConnectionLost()]
-            assert self.name is not None
-            self._outbox.append(protocol.encode(protocol.Ping(self.name)))
-            self._unanswered += 1
-            self._deadline = now + self.keepalive
-            return []
-        if state is State.LOST:
-            self._send_login(now, every=self.keepalive)
-            return []
-        if state is State.LEAVING:
-            self.state = State.CLOSED
-            self._deadline = None
-            return [Closed(by_server=False, confirmed=False)]
-        return []
+        return self._step(Input.SPENT if self._spent() else Input.DUE, now)
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work (monotonic seconds), or None."""
@@ -280,7 +238,27 @@ class ClientSession:
         out, self._outbox = self._outbox, []
         return out
 
-    # -- internals ------------------------------------------------------------
+    # -- the machine itself ---------------------------------------------------
+
+    def _step(self, kind: Input, now: float, value: Any = None) -> list[Event]:
+        transition = TRANSITIONS.get((self.state, kind))
+        if transition is None:
+            refusal = _REFUSED.get(kind)
+            if refusal is not None:
+                raise refusal(self.state)
+            return []
+        self.state, action = transition
+        return action(self, now, value)
+
+    def _spent(self) -> bool:
+        """Whether the exchange the deadline belongs to has used up its tries: ``L`` after
+        ``login_tries``, keepalives after ``missed_pongs`` unanswered, ``Q`` after one wait;
+        a lost connection retries forever."""
+        if self.state is State.LOGGING_IN:
+            return self._tries >= self.login_tries
+        if self.state is State.IN_ROOM:
+            return self._unanswered >= self.missed_pongs
+        return self.state is State.LEAVING
 
     def _send_login(self, now: float, every: float | None = None) -> None:
         """Start a login: the cookie's arrival sends the ``L`` itself."""
@@ -288,8 +266,150 @@ class ClientSession:
         self._tries += 1
         self._deadline = now + (every if every is not None else self.timeout)
 
-    def _enter_room(self, now: float) -> None:
-        self.state = State.IN_ROOM
+    def _enter_room(self, now: float) -> str:
         self._unanswered = 0
         self._tries = 0
         self._deadline = now + self.keepalive if self.keepalive > 0 else None
+        assert self.name is not None
+        return self.name
+
+    # -- the actions: each gets the time and the input's value -------------------
+
+    def _start_login(self, now: float, name: str) -> list[Event]:
+        self.name = name
+        self._tries = 0
+        self._send_login(now)
+        return []
+
+    def _stop_waiting(self, now: float, _: Any) -> list[Event]:
+        self._deadline = None
+        return []
+
+    def _queue_line(self, now: float, text: str) -> list[Event]:
+        assert self.name is not None
+        datagram = protocol.encode(protocol.Chat(self.name, text))
+        if len(datagram) > self.max_datagram:
+            raise LineTooLong(len(datagram), self.max_datagram)
+        self._outbox.append(datagram)
+        return []
+
+    def _send_quit(self, now: float, _: Any) -> list[Event]:
+        assert self.name is not None
+        self._outbox.append(protocol.encode(protocol.Quit(self.name)))
+        self._deadline = now + self.timeout
+        return []
+
+    def _close_unconfirmed(self, now: float, _: Any) -> list[Event]:
+        self._deadline = None
+        return [Closed(by_server=False, confirmed=False)]
+
+    def _answer_cookie(self, now: float, cookie: str) -> list[Event]:
+        assert self.name is not None
+        self._outbox.append(protocol.encode(protocol.Login(self.name, cookie)))
+        return []
+
+    def _joined(self, now: float, _: Any) -> list[Event]:
+        return [Joined(self._enter_room(now))]
+
+    def _reconnected(self, now: float, _: Any) -> list[Event]:
+        return [Reconnected(self._enter_room(now))]
+
+    def _refused(self, now: float, datagram: bytes) -> list[Event]:
+        self._deadline = None
+        return [Refused(safe_line(datagram))]
+
+    def _ignore(self, now: float, _: Any) -> list[Event]:
+        return []
+
+    def _pong(self, now: float, _: Any) -> list[Event]:
+        self._unanswered = 0
+        return []
+
+    def _line(self, now: float, datagram: bytes) -> list[Event]:
+        self._last_line = safe_line(datagram)
+        return [Line(self._last_line)]
+
+    def _closed_by_server(self, now: float, _: Any) -> list[Event]:
+        self._deadline = None
+        return [Closed(by_server=True, reason=self._last_line)]
+
+    def _closed_as_asked(self, now: float, _: Any) -> list[Event]:
+        self._deadline = None
+        return [Closed(by_server=False)]
+
+    def _retry_login(self, now: float, _: Any) -> list[Event]:
+        self._send_login(now)
+        return []
+
+    def _no_answer(self, now: float, _: Any) -> list[Event]:
+        self._deadline = None
+        return [NoAnswer()]
+
+    def _ping(self, now: float, _: Any) -> list[Event]:
+        assert self.name is not None
+        self._outbox.append(protocol.encode(protocol.Ping(self.name)))
+        self._unanswered += 1
+        self._deadline = now + self.keepalive
+        return []
+
+    def _lose(self, now: float, _: Any) -> list[Event]:
+        self._send_login(now, every=self.keepalive)
+        return [ConnectionLost()]
+
+    def _login_again(self, now: float, _: Any) -> list[Event]:
+        self._send_login(now, every=self.keepalive)
+        return []
+
+
+Action = Callable[[ClientSession, float, Any], list[Event]]
+#: (state, input) -> (next state, action). What is not here is ignored, but for
+#: ``login`` and ``say`` (:data:`_REFUSED`).
+TRANSITIONS: Final[dict[tuple[State, Input], tuple[State, Action]]] = {
+    (State.IDLE, Input.LOGIN): (State.LOGGING_IN, ClientSession._start_login),
+    (State.IDLE, Input.LEAVE): (State.CLOSED, ClientSession._close_unconfirmed),
+
+    (State.LOGGING_IN, Input.LOGIN): (State.LOGGING_IN, ClientSession._start_login),
+    (State.LOGGING_IN, Input.CANCEL): (State.IDLE, ClientSession._stop_waiting),
+    (State.LOGGING_IN, Input.LEAVE): (State.CLOSED, ClientSession._close_unconfirmed),
+    (State.LOGGING_IN, Input.COOKIE): (State.LOGGING_IN, ClientSession._answer_cookie),
+    (State.LOGGING_IN, Input.OK): (State.IN_ROOM, ClientSession._joined),
+    # a stray control word is no refusal
+    (State.LOGGING_IN, Input.EXIT): (State.LOGGING_IN, ClientSession._ignore),
+    (State.LOGGING_IN, Input.PONG): (State.LOGGING_IN, ClientSession._ignore),
+    (State.LOGGING_IN, Input.STRAY): (State.LOGGING_IN, ClientSession._ignore),
+    (State.LOGGING_IN, Input.TEXT): (State.IDLE, ClientSession._refused),
+    (State.LOGGING_IN, Input.DUE): (State.LOGGING_IN, ClientSession._retry_login),
+    (State.LOGGING_IN, Input.SPENT): (State.IDLE, ClientSession._no_answer),
+
+    (State.IN_ROOM, Input.SAY): (State.IN_ROOM, ClientSession._queue_line),
+    (State.IN_ROOM, Input.LEAVE): (State.LEAVING, ClientSession._send_quit),
+    # a duplicate answer to a retried L
+    (State.IN_ROOM, Input.OK): (State.IN_ROOM, ClientSession._ignore),
+    (State.IN_ROOM, Input.EXIT): (State.CLOSED, ClientSession._closed_by_server),
+    (State.IN_ROOM, Input.PONG): (State.IN_ROOM, ClientSession._pong),
+    (State.IN_ROOM, Input.STRAY): (State.IN_ROOM, ClientSession._line),
+    (State.IN_ROOM, Input.TEXT): (State.IN_ROOM, ClientSession._line),
+    (State.IN_ROOM, Input.DUE): (State.IN_ROOM, ClientSession._ping),
+    (State.IN_ROOM, Input.SPENT): (State.LOST, ClientSession._lose),
+
+    (State.LOST, Input.LEAVE): (State.LEAVING, ClientSession._send_quit),
+    (State.LOST, Input.COOKIE): (State.LOST, ClientSession._answer_cookie),
+    (State.LOST, Input.OK): (State.IN_ROOM, ClientSession._reconnected),
+    (State.LOST, Input.EXIT): (State.CLOSED, ClientSession._closed_by_server),
+    (State.LOST, Input.PONG): (State.LOST, ClientSession._pong),
+    (State.LOST, Input.STRAY): (State.LOST, ClientSession._line),
+    (State.LOST, Input.TEXT): (State.LOST, ClientSession._line),
+    (State.LOST, Input.DUE): (State.LOST, ClientSession._login_again),
+
+    (State.LEAVING, Input.EXIT): (State.CLOSED, ClientSession._closed_as_asked),
+    (State.LEAVING, Input.PONG): (State.LEAVING, ClientSession._pong),
+    (State.LEAVING, Input.STRAY): (State.LEAVING, ClientSession._line),
+    (State.LEAVING, Input.TEXT): (State.LEAVING, ClientSession._line),
+    (State.LEAVING, Input.SPENT): (State.CLOSED, ClientSession._close_unconfirmed),
+}
+
+#: what asking for the impossible raises, by input; other inputs out of place are ignored
+_REFUSED: Final[dict[Input, Callable[[State], Exception]]] = {
+    Input.LOGIN: lambda state: RuntimeError(f"cannot log in while {state.value}"),
+    Input.SAY: NotConnected,
+}

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -45,7 +45,7 @@ class RoomAPI:
 
     def __init__(self, name: str, room: Room, options: Mapping[str, Any],
                  commands: Callable[[], dict[str, str]],
-                 rewrite: Callable[[str, str], str | None]):
+                 rewrite: Callable[[str, str], str | Literal[False]]):
         self.name = name
         self.options: Mapping[str, Any] = MappingProxyType(dict(options))
         self.log = structlog.get_logger("chatd", plugin=name)
@@ -111,8 +111,9 @@ class RoomAPI:
         """One of the room's templates (``chat``, ``joined``, ...) in the configured locale."""
         return self._room.render(template, **fields)
 
-    def rewrite(self, name: str, text: str) -> str | None:
-        """``text`` as the room's ``chatd_message`` plugins leave it; None when one dropped it.
+    def rewrite(self, name: str, text: str) -> str | Literal[False]:
+        """``text`` as the room's ``chatd_message`` plugins leave it; False when one dropped it
+        (as in ``chatd_message`` itself: None is never an answer here).
 
         For commands that carry a line of chat (``/me``, ``/msg``), so that
         word filters and rate limits apply to those lines too. Like a chat
@@ -120,7 +121,7 @@ class RoomAPI:
         (each shown as an escape such as ``\\x0a``): safe to relay.
         """
         rewritten = self._rewrite(name, text)
-        return None if rewritten is None else neutralise(rewritten)
+        return False if rewritten is False else neutralise(rewritten)
 
     # -- the other plugins, and bookkeeping --------------------------------------
 

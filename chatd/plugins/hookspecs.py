@@ -1,10 +1,23 @@
-"""The hooks a chatd plugin may implement.
+"""The hooks a chatd plugin may implement: this module is the plugin contract.
 
 Each function documents one hook; a plugin implements any subset of them as
 methods marked with :data:`chatd.plugins.hookimpl` and may accept only the
-arguments it needs. chatd calls every implementation under its own guard
-(an exception is logged and counts as "no answer"), so the return values
-below are the whole contract.
+arguments it needs. chatd calls them through pluggy (``pm.hook.<name>``), and
+what is written here is what the calls do, not a description beside them:
+the manager reads each spec's markers and return annotation
+(:mod:`chatd.plugins.contract`).
+
+* **None is no answer**, in every hook: the room carries on as if the plugin
+  had not been asked.
+* **Guarded.** Each implementation is called on its own. An exception, or an
+  answer that does not fit the return annotation below, is logged and
+  counted as a failure and taken as no answer; a plugin that fails 5 times
+  in a row is switched off until the next reload.
+* **Ordered** as pluggy orders them: ``tryfirst=True`` first, ``trylast=True``
+  last, the others in catalog order (built-ins, then installed plugins by name).
+* ``firstresult=True`` hooks stop at the first answer; the chat-line hook is
+  a chain (:func:`chatd.plugins.markers.chain`); every other hook asks everyone.
+* Hook wrappers (``wrapper=True``, ``hookwrapper=True``) are refused.
 
 ``room`` is always the plugin's own :class:`chatd.plugins.api.RoomAPI`.
 Names are the names people logged in with, as the room knows them.
@@ -12,10 +25,11 @@ Names are the names people logged in with, as the room knows them.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from chatd.plugins.api import RoomAPI
-from chatd.plugins.markers import hookspec
+from chatd.plugins.markers import chain, hookspec
 
 # -- life cycle (called for one plugin at a time) ------------------------------
 
@@ -48,7 +62,7 @@ def chatd_reconfigure(room: RoomAPI) -> None:
 
 
 @hookspec
-def chatd_commands() -> dict[str, str]:
+def chatd_commands() -> Mapping[str, str]:
     """The slash commands this plugin answers, ``{"who": "/who - list the users"}``.
 
     Asked once when the plugin starts (and after a reconfiguration); ``/help``
@@ -66,7 +80,8 @@ def chatd_login(name: str, addr: Any) -> str | None:
 
     The room's own rules (valid name, not taken, room not full) have passed.
     Return a text to refuse (it is sent to ``addr`` as it is, so start it with
-    ``"\\n"``); ``None`` lets the next plugin decide. The first refusal wins.
+    ``"\\n"``; an empty text refuses with chatd's own words); ``None`` lets the
+    next plugin decide. The first refusal wins.
     """
 
 
@@ -78,25 +93,28 @@ def chatd_joined(name: str) -> None:
 
 
 @hookspec
-def chatd_message(name: str, text: str) -> str | bool | None:
-    """A chat line on its way to the room.
+@chain("text")
+def chatd_message(name: str, text: str) -> str | Literal[False] | None:
+    """A chat line on its way to the room (also the text of ``/me`` and ``/msg``,
+    through ``RoomAPI.rewrite``).
 
     Return ``None`` to leave it alone, a new text to rewrite it, or ``False``
-    to drop it (nobody sees it, later plugins are not asked). Plugins are
-    asked in turn, each seeing the text as the previous one left it;
-    ``tryfirst=True`` puts a plugin ahead (rate limits, say). Called for every
-    line, so keep it cheap.
+    to drop it (nobody sees it, later plugins are not asked). A chain:
+    plugins are asked in turn, each getting ``text`` as the previous one left
+    it; ``tryfirst=True`` puts a plugin ahead (rate limits, say). Control and
+    bidi characters are escaped after the last plugin. Called for every line,
+    so keep it cheap.
     """
 
 
 @hookspec(firstresult=True)
-def chatd_command(name: str, command: str, args: str) -> bool | None:
+def chatd_command(name: str, command: str, args: str) -> Literal[True] | None:
     """A slash command: ``/msg bob hi`` is ``command="msg"``, ``args="bob hi"``.
 
     ``command`` is lower case; ``args`` is everything after the first space,
     verbatim. Return ``True`` when this plugin handled it (answer with
-    ``room.send``), ``None`` otherwise; when nobody handles it the sender is
-    told the command is unknown.
+    ``room.send``), ``None`` to let the next plugin see it. The first ``True``
+    wins; when nobody handles it the sender is told the command is unknown.
     """
 
 

@@ -1,19 +1,23 @@
-"""The plugin manager: turns the room's hook calls into guarded plugin calls.
+"""The plugin manager: plugins on and off, and the room's hooks called through pluggy.
 
-pluggy finds and validates the hook implementations; chatd calls them
-itself, one by one, because pluggy stops at the first exception and one
-plugin's bug must not take the room down. Each call is timed and counted; a
-plugin that fails ``max_failures`` times in a row is switched off.
+Every hook is called as pluggy means it to be, ``pm.hook.<name>(**kwargs)``:
+pluggy finds, validates and orders the implementations. What chatd adds sits
+in pluggy's seam for it, the inner hookexec (:meth:`PluginManager._hookexec`,
+in place of pluggy's ``_multicall``, which stops at the first exception):
+each implementation is called on its own, timed and counted, an exception or
+an answer outside the spec is logged as a failure and taken as no answer,
+and a plugin that fails ``max_failures`` times in a row is switched off.
+How answers combine (``firstresult``, chains) and what they may be comes
+from the hookspecs (:mod:`chatd.plugins.contract`).
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import pluggy
 import structlog
@@ -21,6 +25,7 @@ import structlog
 from chatd.plugins import hookspecs
 from chatd.plugins.api import RoomAPI
 from chatd.plugins.catalog import Catalog, PluginSpec, default_catalog, resolve
+from chatd.plugins.contract import Contract
 from chatd.plugins.markers import PROJECT
 from chatd.plugins.options import PluginConfigError
 from chatd.room import Addr, NoHooks, Room
@@ -33,11 +38,6 @@ SLOW_HOOK_SECONDS = 0.05
 #: Consecutive failures after which a plugin is switched off until the next reload.
 MAX_FAILURES_IN_ROW = 5
 
-#: The hooks called for every enabled plugin; the others are per-plugin life cycle.
-CHAT_HOOKS = ("chatd_login", "chatd_joined", "chatd_message", "chatd_command",
-              "chatd_said", "chatd_left")
-
-_FAILED = object()  # what a guarded call returns when the plugin raised
 
 
 class PluginState:
@@ -64,34 +64,6 @@ class PluginState:
         self.log_rate = TokenBucket(1.0, 10.0, time.monotonic())
 
 
-class _Impl:
-    """One hook implementation, ready to call with the hook's arguments in order."""
-
-    __slots__ = ("state", "hook", "call")
-
-    def __init__(self, state: PluginState, hook: str, call: Callable[..., Any]):
-        self.state = state
-        self.hook = hook
-        self.call = call
-
-
-def _adapt(impl: pluggy.HookImpl, spec_args: tuple[str, ...]) -> Callable[..., Any]:
-    """A callable taking every argument of the hook, for an implementation that
-    (as pluggy allows) asks for only some of them."""
-    function = impl.function
-    if tuple(impl.argnames) == spec_args:
-        return function
-    picks = [spec_args.index(name) for name in impl.argnames]
-    # hooks run per chat line: no per-call list building for the common shapes
-    if not picks:
-        return lambda *args: function()
-    if len(picks) == 1:
-        (pick,) = picks
-        return lambda *args: function(args[pick])
-    getter = operator.itemgetter(*picks)
-    return lambda *args: function(*getter(args))
-
-
 class PluginManager(NoHooks):
     """Implements the room's hooks by asking the enabled plugins.
 
@@ -112,17 +84,25 @@ class PluginManager(NoHooks):
         self._wanted = resolve(settings, self.catalog)
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(hookspecs)
+        self._pm._inner_hookexec = self._hookexec  # pluggy's seam for the call loop
+        hooks = self._pm.hook
+        self._contracts = {name: Contract.of(getattr(hooks, name))
+                           for name in dir(hooks) if name.startswith("chatd_")}
         self._states = {
             name: PluginState(spec, RoomAPI(name, room, {}, self.all_commands, self.message))
             for name, spec in self.catalog.specs.items()
         }
         self._started = False
-        self._login: tuple[_Impl, ...] = ()
-        self._joined: tuple[_Impl, ...] = ()
-        self._message: tuple[_Impl, ...] = ()
-        self._command: tuple[_Impl, ...] = ()
-        self._said: tuple[_Impl, ...] = ()
-        self._left: tuple[_Impl, ...] = ()
+        #: the hooks some enabled plugin implements: calling one nobody does costs
+        #: pluggy's call path (about a microsecond) for nothing, at every chat line
+        self._implemented: frozenset[str] = frozenset()
+        # the hook callers, looked up once: they are called for every datagram
+        self._login = hooks.chatd_login
+        self._joined = hooks.chatd_joined
+        self._message = hooks.chatd_message
+        self._command = hooks.chatd_command
+        self._said = hooks.chatd_said
+        self._left = hooks.chatd_left
         for problem in self.catalog.ignored:
             log.warning("plugin_ignored", problem=problem)
         for name, spec in self.catalog.specs.items():
@@ -185,9 +165,9 @@ class PluginManager(NoHooks):
                       traceback=traceback.format_exc())
             return
         state.instance, state.enabled, state.reason = instance, True, reason
-        self._rebuild()
+        self._reorder()
         log.info("plugin_enabled", plugin=name, options=options, source=state.spec.source)
-        self._call_own(state, "chatd_startup", state.api)
+        self._call_own(state, "chatd_startup", room=state.api)
         self._ask_commands(state)
 
     def _register(self, name: str, instance: Any) -> None:
@@ -204,90 +184,136 @@ class PluginManager(NoHooks):
             self._pm.unregister(instance)
             raise
 
+    def _reorder(self) -> None:
+        """Make pluggy's order the catalog's, after a plugin was added.
+
+        Among implementations of one rank (``tryfirst``, plain, ``trylast``)
+        pluggy calls the last registered first; registering the enabled
+        plugins again, in reverse catalog order, makes the built-ins run
+        first, in a fixed order, whatever order reloads turned them on in.
+        """
+        enabled = [state for state in self._states.values() if state.enabled]
+        for state in enabled:
+            self._pm.unregister(state.instance)
+        for state in reversed(enabled):
+            self._pm.register(state.instance, name=state.spec.name)
+        self._note_implemented()
+
+    def _note_implemented(self) -> None:
+        self._implemented = frozenset(
+            name for name in self._contracts if getattr(self._pm.hook, name).get_hookimpls())
+
     def _disable(self, state: PluginState, reason: str) -> None:
         if not state.enabled:
             return
         state.enabled, state.reason = False, reason
         log.log(logging.WARNING if reason == "failures" else logging.INFO, "plugin_disabled",
                 plugin=state.spec.name, reason=reason, failures=state.failures)
-        self._call_own(state, "chatd_shutdown", state.api)
+        self._call_own(state, "chatd_shutdown", room=state.api)
         self._pm.unregister(state.instance)
+        self._note_implemented()
         state.instance = None
         state.commands = {}
-        self._rebuild()
 
     def _reconfigure(self, state: PluginState, options: dict[str, Any], reason: str) -> None:
         """A reload: a plugin with ``chatd_reconfigure`` adapts in place (and may re-read
         its files); one without it is restarted, and only when its options changed."""
         changed = options != state.options
-        if self._own_impl(state, "chatd_reconfigure") is None:
+        if not self._own_impls(state, "chatd_reconfigure"):
             if changed:
                 self._disable(state, "reconfigure")
                 self._enable(state, options, reason)
             return
         state.options = options
         state.api._set_options(options)
-        self._call_own(state, "chatd_reconfigure", state.api)
+        self._call_own(state, "chatd_reconfigure", room=state.api)
         self._ask_commands(state)
         if changed:
             log.info("plugin_reconfigured", plugin=state.spec.name, options=options)
 
     def _ask_commands(self, state: PluginState) -> None:
-        result = self._call_own(state, "chatd_commands")
-        if isinstance(result, Mapping) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in result.items()):
-            state.commands = {k.lower(): v for k, v in result.items()}
-        elif result is not None and result is not _FAILED:
-            self._failed(state, "chatd_commands", TypeError(
-                f"chatd_commands returned {result!r}, not a dict of str -> str"))
+        commands = self._call_own(state, "chatd_commands")
+        if commands is not None:  # the contract checked it is a mapping of str to str
+            state.commands = {k.lower(): v for k, v in commands.items()}
 
-    def _own_impl(self, state: PluginState, hook: str) -> _Impl | None:
-        caller = getattr(self._pm.hook, hook)
-        for impl in caller.get_hookimpls():
-            if impl.plugin is state.instance:
-                return _Impl(state, hook, _adapt(impl, tuple(caller.spec.argnames)))
-        return None
+    def _own_impls(self, state: PluginState, hook: str) -> list[pluggy.HookImpl]:
+        return [impl for impl in getattr(self._pm.hook, hook).get_hookimpls()
+                if impl.plugin is state.instance]
 
-    def _call_own(self, state: PluginState, hook: str, *args: Any) -> Any:
-        impl = self._own_impl(state, hook)
-        return None if impl is None else self._guarded(impl, args)
+    def _call_own(self, state: PluginState, hook: str, **kwargs: Any) -> Any:
+        """A life-cycle hook of one plugin, its answer: pluggy's dispatch with that plugin's
+        implementation only, so the same guard (and pluggy's tracing) applies."""
+        impls = self._own_impls(state, hook)
+        if not impls:
+            return None
+        answers = self._pm._hookexec(hook, impls, kwargs, self._contracts[hook].firstresult)
+        return answers[0] if isinstance(answers, list) and answers else None
 
-    def _rebuild(self) -> None:
-        """Refresh the per-hook call lists: tryfirst, then catalog order, then trylast."""
-        order = {name: i for i, name in enumerate(self._states)}
-        for hook in CHAT_HOOKS:
-            caller = getattr(self._pm.hook, hook)
-            spec_args = tuple(caller.spec.argnames)
-            impls = sorted(caller.get_hookimpls(), key=lambda i: (
-                0 if i.tryfirst else 2 if i.trylast else 1, order[i.plugin_name]))
-            setattr(self, "_" + hook.removeprefix("chatd_"), tuple(
-                _Impl(self._states[i.plugin_name], hook, _adapt(i, spec_args)) for i in impls))
+    # -- the guard: pluggy's inner hookexec -------------------------------------------
 
-    # -- the guard -----------------------------------------------------------------
+    def _hookexec(self, hook_name: str, hook_impls: Sequence[pluggy.HookImpl],
+                  caller_kwargs: Mapping[str, Any], firstresult: bool) -> Any:
+        """What pluggy's ``_multicall`` does, one implementation at a time under the guard.
 
-    def _guarded(self, impl: _Impl, args: tuple[Any, ...]) -> Any:
-        """Call one implementation; ``_FAILED`` when it raised (logged and counted)."""
-        state = impl.state
+        Implementations come in pluggy's order (called last to first, as
+        pluggy does). Answers combine as the spec says: ``firstresult``, a
+        chain (:func:`chatd.plugins.markers.chain`), or a list of every answer.
+        """
+        contract = self._contracts[hook_name]
+        chained = contract.chain
+        if chained is not None:
+            caller_kwargs = dict(caller_kwargs)
+        answers = []
+        for impl in reversed(hook_impls):
+            answer = self._call(impl, contract, caller_kwargs)
+            if answer is None:
+                continue
+            if chained is not None:
+                if answer is False:
+                    return False
+                caller_kwargs[chained] = answer
+            elif firstresult:
+                return answer
+            else:
+                answers.append(answer)
+        if chained is not None:
+            return caller_kwargs[chained]
+        return None if firstresult else answers
+
+    def _call(self, impl: pluggy.HookImpl, contract: Contract,
+              kwargs: Mapping[str, Any]) -> Any:
+        """One implementation: its answer, or None when it raised or broke the contract
+        (logged and counted)."""
+        state = self._states[impl.plugin_name]
+        args = [kwargs[name] for name in impl.argnames]
         clock = self._clock
         start = clock()
         try:
-            result = impl.call(*args)
+            if impl.kwargnames:
+                answer = impl.function(*args, **{k: kwargs[k] for k in impl.kwargnames
+                                                 if k in kwargs})
+            else:
+                answer = impl.function(*args)
         except Exception as exc:
             state.calls += 1
             state.seconds += clock() - start
-            self._failed(state, impl.hook, exc)
-            return _FAILED
+            self._failed(state, contract.name, exc)
+            return None
         elapsed = clock() - start
         state.calls += 1
         state.seconds += elapsed
-        if state.failures_in_row:
-            state.failures_in_row = 0
         if elapsed > self.slow_seconds:
             state.slow_calls += 1
             if state.log_rate.take(time.monotonic()):
-                log.warning("plugin_slow", plugin=state.spec.name, hook=impl.hook,
+                log.warning("plugin_slow", plugin=state.spec.name, hook=contract.name,
                             ms=round(elapsed * 1000, 1), threshold_ms=self.slow_seconds * 1000)
-        return result
+        problem = None if answer is None else contract.problem(answer)
+        if problem is not None:
+            self._failed(state, contract.name, problem)
+            return None
+        if state.failures_in_row:
+            state.failures_in_row = 0
+        return answer
 
     def _failed(self, state: PluginState, hook: str, exc: BaseException) -> None:
         state.failures += 1
@@ -299,52 +325,38 @@ class PluginManager(NoHooks):
         if state.enabled and state.failures_in_row >= self.max_failures:
             self._disable(state, "failures")
 
-    # -- the room's hooks ------------------------------------------------------------
+    # -- the room's hooks: each one a pluggy hook call (skipped when nobody implements it) --
 
     def login(self, name: str, addr: Addr) -> str | None:
-        for impl in self._login:
-            result = self._guarded(impl, (name, addr))
-            if result is None or result is _FAILED:
-                continue
-            if isinstance(result, str):
-                return result or "\nlogin refused"
-            self._failed(impl.state, impl.hook, TypeError(f"returned {result!r}, not a str"))
-        return None
+        """A plugin's refusal text, or None to let the login in."""
+        if "chatd_login" not in self._implemented:
+            return None
+        refusal = self._login(name=name, addr=addr)
+        return None if refusal is None else refusal or "\nlogin refused"
 
     def joined(self, name: str) -> None:
-        for impl in self._joined:
-            self._guarded(impl, (name,))
+        if "chatd_joined" in self._implemented:
+            self._joined(name=name)
 
-    def message(self, name: str, text: str) -> str | None:
-        """The line as the plugins leave it, or None when one of them dropped it."""
-        for impl in self._message:
-            result = self._guarded(impl, (name, text))
-            if result is None or result is _FAILED:
-                continue
-            if isinstance(result, str):
-                text = result
-            elif result is False:
-                return None
-            else:
-                self._failed(impl.state, impl.hook,
-                             TypeError(f"returned {result!r}, not a str, False or None"))
-        return text
+    def message(self, name: str, text: str) -> str | Literal[False]:
+        """The line as the plugins leave it, or False when one of them dropped it."""
+        if "chatd_message" not in self._implemented:
+            return text
+        return self._message(name=name, text=text)
 
     def command(self, name: str, command: str, args: str) -> bool:
-        command = command.lower()
-        for impl in self._command:
-            result = self._guarded(impl, (name, command, args))
-            if result is not None and result is not _FAILED and result is not False:
-                return True
-        return False
+        """Whether a plugin handled the command."""
+        if "chatd_command" not in self._implemented:
+            return False
+        return self._command(name=name, command=command.lower(), args=args) is True
 
     def said(self, name: str, text: str) -> None:
-        for impl in self._said:
-            self._guarded(impl, (name, text))
+        if "chatd_said" in self._implemented:
+            self._said(name=name, text=text)
 
     def left(self, name: str, reason: str) -> None:
-        for impl in self._left:
-            self._guarded(impl, (name, reason))
+        if "chatd_left" in self._implemented:
+            self._left(name=name, reason=reason)
 
     # -- what the plugins offer, and what they did -------------------------------------
 

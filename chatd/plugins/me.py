@@ -22,7 +22,7 @@ class Me(Plugin):
             self.room.send(name, "\nusage: /me ACTION")
             return True
         action = self.room.rewrite(name, args)  # word filters and rate limits apply here too
-        if action is None:
+        if action is False:
             return True
         try:
             # like a chat line, it goes to the others: the sender's client shows what it typed

@@ -30,7 +30,7 @@ class Msg(Plugin):
                                      self.room.max_bytes))
             return True
         rewritten = self.room.rewrite(name, text)
-        if rewritten is None:
+        if rewritten is False:
             return True
         try:
             self.room.send(user.name, f"\n{name} says to you: {rewritten}")
