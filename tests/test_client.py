@@ -500,6 +500,7 @@ def test_terminal_stray_mouse_report_loses_nothing(chatd, users, terminals, repo
     child.expect_exact("hello")
     child.send(report + "world\r")
     assert recv_until(bob, "alice says:") == "\nalice says: hello world"
+    expect_screen(child, "alice>")  # the next prompt: ^D typed before it could go to none
     child.sendcontrol("d")
     assert recv_until(bob, "alice") == "\nalice left the room"
     assert exit_status(child) == 0
