@@ -39,6 +39,30 @@ def read_log_events(path: Path | None) -> list[dict[str, Any]]:
     return events
 
 
+def state_of(pid: int) -> str | None:
+    """The process state letter from /proc (``T`` stopped, ``Z`` zombie), None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def free_udp_port() -> int:
     """A free UDP port below the kernel's ephemeral range.
 

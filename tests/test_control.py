@@ -16,7 +16,7 @@ import time
 import pexpect
 import pytest
 import yaml
-from helpers import Notifications, UdpUser, wait_for, write_config
+from helpers import Notifications, UdpUser, children_of, state_of, wait_for, write_config
 
 from chatd.control import channel
 from chatd.control.client import request
@@ -48,28 +48,6 @@ def raw_request(path, data: bytes, timeout=5.0) -> dict:
                 break
             answer += chunk
     return json.loads(answer)
-
-
-def state_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def test_say_who_kick(users, chatd):

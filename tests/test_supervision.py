@@ -19,7 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CHATD, UdpUser, read_log_events, wait_for, write_config
+from helpers import (
+    CHATD,
+    UdpUser,
+    children_of,
+    read_log_events,
+    state_of,
+    wait_for,
+    write_config,
+)
 from structlog.testing import capture_logs
 
 from chatd import config
@@ -36,28 +44,6 @@ def admin_child_pid(config_path) -> int | None:
     """The admin child's pid as ``chatctl status`` says it; None while nobody answers."""
     result = chatctl(config_path, "--timeout", "3", "status", "--json")
     return json.loads(result.stdout)["admin_child_pid"] if result.returncode == 0 else None
-
-
-def state_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def events(log_path: Path, name: str) -> list[dict]:
