@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +24,7 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.events import AliasEvent
 from yaml.resolver import Resolver
 
+from chatd import safefs
 from chatd.settings import (
     ControlSettings,
     DaemonSettings,
@@ -495,50 +495,26 @@ def load(path: str | None, *, check_plugins: PluginCheck | None = None) -> Setti
 
 
 def _read_file(path: str) -> str:
-    """The text of the file at ``path``: a regular file of at most :data:`MAX_FILE_BYTES`.
-
-    Opened without blocking, so that a FIFO given by mistake is refused instead
-    of waiting for a writer forever.
-    """
+    """The text of the file at ``path``: a regular file of at most :data:`MAX_FILE_BYTES`
+    (a FIFO given by mistake is refused, never waited on: see chatd.safefs)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = safefs.read_regular_file(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (give another with -c FILE)") from None
+    except safefs.NotRegularFile as exc:
+        if exc.kind == "a directory":
+            raise ConfigError(f"{path}: cannot read: Is a directory") from None
+        raise ConfigError(f"{path}: not a regular file ({exc.kind}); "
+                          "give a configuration file") from None
+    except safefs.FileTooLarge as exc:
+        raise ConfigError(f"{path}: too large ({exc.size} bytes); a configuration file may have "
+                          f"at most {MAX_FILE_BYTES} bytes (1 MiB)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ConfigError(f"{path}: cannot read: Is a directory")
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path}: not a regular file ({_file_kind(info.st_mode)}); "
-                              "give a configuration file")
-        data = b""
-        while len(data) <= MAX_FILE_BYTES:
-            chunk = os.read(fd, MAX_FILE_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_BYTES:
-        size = max(info.st_size, len(data))
-        raise ConfigError(f"{path}: too large ({size} bytes); a configuration file may have "
-                          f"at most {MAX_FILE_BYTES} bytes (1 MiB)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
 
 
 def locate(path: str | None, *, check_plugins: PluginCheck | None = None,

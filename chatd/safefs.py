@@ -109,3 +109,54 @@ def open_private_dir(path: str, allowed_uids: Collection[int]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class NotRegularFile(ValueError):
+    """A path that names a FIFO, a device, a socket or a directory; ``kind`` says which."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"not a regular file ({kind})")
+        self.kind = kind
+
+
+class FileTooLarge(ValueError):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"too large ({size} bytes, at most {limit})")
+        self.size = size
+        self.limit = limit
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``limit`` of them.
+
+    Files an administrator names (the configuration, a message of the day) are
+    read by the daemon's loop: opened without blocking, so that a FIFO given by
+    mistake is refused instead of waiting for a writer forever, and read only
+    up to the limit, so that a huge file costs nothing. Raises OSError,
+    :class:`NotRegularFile` or :class:`FileTooLarge`.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(file_kind(info.st_mode))
+        data = b""
+        while len(data) <= limit:
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise FileTooLarge(max(info.st_size, len(data)), limit)
+    return data
+
+
+def file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"

@@ -173,6 +173,30 @@ def test_motd_follows_ok(make_chatd, tmp_path, source):
         user.close()
 
 
+@pytest.mark.parametrize("swap", ["fifo", "huge"])
+def test_a_motd_file_swapped_for_a_fifo_or_a_huge_file_cannot_stop_the_room(make_chatd, tmp_path,
+                                                                          swap):
+    """Before: the reload read a FIFO there forever, and the room stood still."""
+    motd = tmp_path / "motd.txt"
+    motd.write_text("welcome\n")
+    server = make_chatd({"plugins": {"motd": {"file": str(motd)}}})
+    motd.unlink()
+    if swap == "fifo":
+        os.mkfifo(motd)
+    else:
+        motd.write_bytes(b"x" * (1 << 20))
+    server.reload()  # READY=1 again: the loop is not stuck on the file
+    user = UdpUser(server.addr)
+    try:
+        assert user.login("alice", verify=True) == b"OK"
+        next_is_pong(user)  # no message of the day: it was refused, and said so
+    finally:
+        user.close()
+    failures = [e for e in server.log_events()
+                if e.get("event") == "plugin_failed" and e.get("plugin") == "motd"]
+    assert failures and ("FIFO" in failures[-1]["error"] or "too large" in failures[-1]["error"])
+
+
 def test_history_replays_after_ok_and_survives_a_restart(make_chatd, people, tmp_path):
     overrides = {"plugins": {"history": {"size": 3, "path": str(tmp_path / "history.db")}}}
     first = make_chatd(overrides)

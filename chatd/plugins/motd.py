@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+from chatd import safefs
 from chatd.plugins.api import RoomAPI
 from chatd.plugins.base import Plugin
 from chatd.plugins.markers import hookimpl
 from chatd.plugins.options import Option, absolute_path
 from chatd.plugins.text import lines
+
+#: A message of the day longer than this is refused: it is read in the room's loop, and every
+#: person who joins gets it.
+MAX_FILE_BYTES: Final = 64 * 1024
 
 
 class Motd(Plugin):
@@ -42,7 +46,10 @@ class Motd(Plugin):
         # read once, not per join: a missing file is one logged failure, not one per person
         self.lines = []
         path = self.room.options["file"]
-        text = self.room.options["text"] if path is None else Path(path).read_text("utf-8")
+        if path is None:
+            text = self.room.options["text"]
+        else:  # a regular file, read without blocking: a FIFO there must not stop the room
+            text = safefs.read_regular_file(path, MAX_FILE_BYTES).decode("utf-8", "replace")
         self.lines = text.strip("\n").splitlines()
 
     @hookimpl
