@@ -278,6 +278,7 @@ class BoundedLog:
                  clock: Callable[[], float] = time.monotonic):
         self._logger = logger
         self._clock = clock
+        self._per_second, self._burst = per_second, burst
         now = clock()
         #: name -> (bucket, level): ``levels`` names each kind and its level ("warning", ...)
         self._kinds = {name: (TokenBucket(per_second, burst, now), level)
@@ -287,7 +288,11 @@ class BoundedLog:
         return name in self._kinds
 
     def __call__(self, name: str, /, **fields: Any) -> None:
-        bucket, level = self._kinds[name]
+        kind = self._kinds.get(name)
+        if kind is None:  # a kind nobody listed is bounded too (at info), never an error
+            kind = self._kinds[name] = (TokenBucket(self._per_second, self._burst,
+                                                    self._clock()), "info")
+        bucket, level = kind
         if not bucket.take(self._clock()):
             return
         suppressed = bucket.take_refused()

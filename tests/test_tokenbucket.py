@@ -50,3 +50,20 @@ def test_bounded_log_leaves_out_a_flood_and_says_how_much():
     now[0] = 1.0
     bounded("datagram_dropped", name="later")
     assert written[-1] == ("datagram_dropped", {"name": "later", "suppressed_since_last": 8})
+
+
+def test_bounded_log_bounds_a_kind_it_was_not_told_of_instead_of_failing():
+    """A new kind of event someone forgot to list must not raise in the middle of applying a
+    room's step (the datagrams of that step would never go out)."""
+    from chatd.log import BoundedLog
+
+    written = []
+
+    class Logger:
+        def info(self, event, **fields):
+            written.append((event, fields))
+
+    bounded = BoundedLog(Logger(), {}, per_second=1.0, burst=2.0, clock=lambda: 0.0)
+    for _ in range(5):
+        bounded("something_new", x=1)
+    assert written == [("something_new", {"x": 1})] * 2
