@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from helpers import ChatdProcess, LocalUser, UdpUser
@@ -82,3 +84,12 @@ def local_users() -> Iterator[Callable[..., LocalUser]]:
         subprocess.run(["userdel", "--force", name], capture_output=True)
     for name in groups:
         subprocess.run(["groupdel", name], capture_output=True)
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory every user can reach (pytest's tmp_path is 0700 root's)."""
+    path = Path(tempfile.mkdtemp(prefix="chatd-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -21,7 +21,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,15 +46,6 @@ def as_root(*args: str, config: Path, timeout: float = 60) -> subprocess.Complet
 def chatctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([*CHATD[:2], "chatd.cli.chatctl", *args], env=ENV,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A directory every user can reach (pytest's tmp_path is 0700 root's)."""
-    path = Path(tempfile.mkdtemp(prefix="chatd-test-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ import errno
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,15 +186,6 @@ def test_a_hung_admin_child_is_replaced(make_chatd):
         with contextlib.suppress(ProcessLookupError):
             os.kill(hung, signal.SIGCONT)
         alice.close()
-
-
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A directory every user can reach (pytest's tmp_path is 0700 root's)."""
-    path = Path(tempfile.mkdtemp(prefix="chatd-test-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_fork_that_fails_is_logged_and_tried_again(shared, local_users):
