@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -26,10 +27,12 @@ from yaml.resolver import Resolver
 
 from chatd import safefs
 from chatd.settings import (
+    ClusterSettings,
     ControlSettings,
     DaemonSettings,
     ListenSettings,
     LogSettings,
+    MetricsSettings,
     RoomSettings,
     Settings,
 )
@@ -130,6 +133,34 @@ def _mapping(value: Any) -> dict:
     return value
 
 
+def _redis_url(value: Any) -> str:
+    """``redis://``, ``rediss://`` (TLS) or ``unix://``, as redis-py reads them."""
+    value = _text(value)
+    scheme = value.partition("://")[0]
+    if scheme not in ("redis", "rediss", "unix") or "://" not in value:
+        raise ValueError("expected a URL such as redis://127.0.0.1:6379/0 or "
+                         f"unix:///run/redis/redis.sock, got {value!r}")
+    return value
+
+
+def _host_port(value: Any) -> str:
+    """``127.0.0.1:9464``, ``[::1]:9464`` or ``:9464`` (every address)."""
+    value = _text(value)
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535 or (
+            host.startswith("[") != host.endswith("]")):
+        raise ValueError(f"expected host:port such as 127.0.0.1:9464, got {value!r}")
+    return value
+
+
+def _node_name(value: Any) -> str:
+    value = _text(value)
+    if len(value) > 64 or not all(c.isalnum() or c in "-_.:" for c in value):
+        raise ValueError("expected at most 64 letters, digits and - _ . :, "
+                         f"got {value!r}")
+    return value
+
+
 def _absolute_path(value: Any) -> str:
     value = _text(value)
     if not os.path.isabs(value):
@@ -165,6 +196,7 @@ SCHEMA: Mapping[str, Callable[[Any], Any]] = {
     "listen.port": _int(0, 65535),
     "listen.rcvbuf": _int(4096, 1 << 30),
     "listen.sndbuf": _int(4096, 1 << 30),
+    "listen.reuseport": _bool,
     "runtime_dir": _optional(_text),
     "log.level": _choice(*LOG_LEVELS),
     "log.format": _optional(_choice("json", "console")),
@@ -192,6 +224,12 @@ SCHEMA: Mapping[str, Callable[[Any], Any]] = {
     "control.mode": _mode,
     "control.group": _optional(_text),
     "plugins": _mapping,
+    "cluster.redis": _optional(_redis_url),
+    "cluster.password_file": _optional(_absolute_path),
+    "cluster.room": _node_name,
+    "cluster.node": _optional(_node_name),
+    "cluster.node_timeout": _number(1, 3600),
+    "metrics.listen": _optional(_host_port),
 }
 
 #: Keys whose value is not simply what the file says: the default the file would
@@ -207,13 +245,16 @@ DERIVED: Mapping[str, tuple[Any, Callable[[Mapping[str, Any]], Any]]] = {
     "control.fifo": (None, lambda v: v["control.fifo"]
                      or os.path.join(v["runtime_dir"], "control.fifo")),
     "plugins": ({}, lambda v: MappingProxyType(dict(v["plugins"]))),
+    "cluster.node": (None, lambda v: v["cluster.node"]
+                     or f"{socket.gethostname()}:{v['listen.port']}"),
 }
 
 #: The sections of the file and the settings each becomes; a key outside them
 #: (``runtime_dir``) is a field of :class:`~chatd.settings.Settings` itself.
 SECTIONS: Mapping[str, type] = {"listen": ListenSettings, "log": LogSettings,
                                 "room": RoomSettings, "daemon": DaemonSettings,
-                                "control": ControlSettings}
+                                "control": ControlSettings, "cluster": ClusterSettings,
+                                "metrics": MetricsSettings}
 
 
 def _field_default(key: str) -> Any:
@@ -233,7 +274,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
 
 #: Keys read once at start-up; a reload that changes them keeps the old value. A
 #: name without a dot is a whole section (or a top-level key).
-RESTART_ONLY = ("listen", "runtime_dir", "daemon", "control")
+RESTART_ONLY = ("listen", "runtime_dir", "daemon", "control", "cluster", "metrics")
 
 #: Keys whose value is a file mode, written in octal.
 OCTAL_KEYS = frozenset(key for key, check in SCHEMA.items() if check is _mode)

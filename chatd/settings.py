@@ -21,6 +21,8 @@ class ListenSettings:
     port: int = 8888
     rcvbuf: int = 4 * 1024 * 1024
     sndbuf: int = 4 * 1024 * 1024
+    #: SO_REUSEPORT: several nodes of one cluster on one host share the port
+    reuseport: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,24 @@ class ControlSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    redis: str | None = None  # None: a single node, no Redis anywhere
+    password_file: str | None = None
+    room: str = "main"
+    node: str = ""  # the configuration's default is the host name and the UDP port
+    node_timeout: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str | None = None  # "host:port" of the Prometheus endpoint; None: off
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: ListenSettings
     log: LogSettings
@@ -75,6 +95,8 @@ class Settings:
     control: ControlSettings
     runtime_dir: str
     plugins: Mapping[str, Any]
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: str | None = None  # the file these came from, if any
     #: the line of each key path in ``source``, for errors found after parsing
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)

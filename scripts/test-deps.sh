@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System tools some tests use (man page lint, log rotation, a movable wall clock,
-# unit verification, a real systemd). Installed with apt-get when missing and
+# unit verification, a real systemd, a real Redis). Installed with apt-get when missing and
 # possible (root on Debian); otherwise the tests that need them are skipped,
 # each saying why.
 set -euo pipefail
@@ -8,6 +8,8 @@ need=()
 command -v mandoc >/dev/null || need+=(mandoc)
 command -v logrotate >/dev/null || need+=(logrotate)
 compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
+# the cluster tests start their own redis-server on a free port (never the system's)
+command -v redis-server >/dev/null || need+=(redis-server)
 # the whole systemd package: its tools, and the systemd that tests/test_systemd_real.py
 # boots in a sandbox (never on this machine); `make install` there needs a system python3
 # with venv

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ChatdProcess, LocalUser, UdpUser
+from redisproc import REDIS_SERVER, RedisServer
 
 
 @pytest.fixture
@@ -93,3 +94,15 @@ def shared() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own, on a free port, without persistence."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (scripts/test-deps.sh installs it)")
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -414,6 +414,22 @@ def test_stop_warns_of_a_bad_plugin_option_and_goes_on(tmp_path):
     assert "warning" in result.stderr and "not running" in result.stdout + result.stderr
 
 
+def test_cluster_and_metrics_keys_are_checked_naming_their_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster:\n  redis: redis://127.0.0.1:6390/0\n  node: n1\n"
+                    "metrics:\n  listen: 127.0.0.1:9464\n")
+    settings = config.load(str(path))
+    assert settings.cluster.enabled and settings.cluster.node == "n1"
+    assert settings.metrics.listen == "127.0.0.1:9464"
+    assert not config.load(None).cluster.enabled
+    for text, line, key in (("cluster:\n  redis: http://x\n", 2, "cluster.redis"),
+                            ("cluster:\n  node: 'a b'\n", 2, "cluster.node"),
+                            ("\nmetrics:\n  listen: 9464\n", 3, "metrics.listen")):
+        path.write_text(text)
+        with pytest.raises(config.ConfigError, match=f"line {line}: {key}: expected"):
+            config.load(str(path))
+
+
 def test_a_reload_keeps_exactly_the_restart_only_keys(tmp_path, monkeypatch):
     old = config.load(None)
     path = tmp_path / "c.yaml"
@@ -428,7 +444,7 @@ def test_a_reload_keeps_exactly_the_restart_only_keys(tmp_path, monkeypatch):
     assert config.restart_only_changes(old, merged) == []
     assert config.restart_only_changes(old, new) == [
         "listen.port", "daemon.umask", "control.socket", "control.fifo", "control.mode",
-        "runtime_dir"]
+        "cluster.node", "runtime_dir"]
     # the one list decides: a single key of a section, and a section no longer in it
     monkeypatch.setattr(config, "RESTART_ONLY", ("listen", "room.max_users"))
     merged = config.keep_restart_only(old, new)

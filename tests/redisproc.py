@@ -1,0 +1,117 @@
+"""A real ``redis-server`` for the cluster tests: on a free port, in a temp dir, with no
+persistence, stopped by pid when the test ends (see the ``redis_server`` fixture).
+
+Never a mock: every cluster test talks to this process, and the failure tests act on it
+the way the world would: SIGSTOP (a stall), SIGKILL and a restart on the same port
+(a Redis that comes back empty), ``CLIENT KILL`` (a cut connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="redis-server is not installed (scripts/test-deps.sh installs it)")
+
+
+def free_tcp_port() -> int:
+    """A free TCP port below the ephemeral range (see tests.helpers.free_udp_port)."""
+    for _ in range(1000):
+        port = random.randrange(20000, 30000)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port")
+
+
+class RedisServer:
+    """One redis-server process; :meth:`restart` brings it back empty on the same port."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.directory = directory
+        self.port = port or free_tcp_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert REDIS_SERVER is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+             "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning",
+             "--logfile", str(self.directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, timeout=10, what=f"redis-server on port {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        try:
+            return self.command("PING") == "+PONG"
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> str:
+        """One command in RESP, its reply's first line: enough for the tests' checks,
+        and no client library between the test and the server."""
+        request = f"*{len(args)}\r\n" + "".join(
+            f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(request.encode())
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.decode(errors="replace").split("\r\n")[0]
+
+    def client(self):
+        """A redis-py client for checks that need whole replies."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+                           socket_timeout=5)
+
+    def pause(self) -> None:
+        """SIGSTOP: a Redis that stalls (connections stay open, nothing answers)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, and wait: everything it held is gone (no persistence)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> RedisServer:
+        """Killed and started again on the same port: a Redis that comes back empty."""
+        self.kill()
+        return self.start()
+
+    def stop(self) -> None:
+        self.kill()
