@@ -3,7 +3,8 @@ persistence, stopped by pid when the test ends (see the ``redis_server`` fixture
 
 Never a mock: every cluster test talks to this process, and the failure tests act on it
 the way the world would: SIGSTOP (a stall), SIGKILL and a restart on the same port
-(a Redis that comes back empty), ``CLIENT KILL`` (a cut connection).
+(a Redis that comes back empty), ``CLIENT KILL`` (a cut connection). The benchmarks
+use it too, so it needs nothing but the standard library and redis-py.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
 from helpers import wait_for
 
 REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not installed (scripts/test-deps.sh installs it)")
 
 
 def free_tcp_port() -> int:
