@@ -245,8 +245,9 @@ DERIVED: Mapping[str, tuple[Any, Callable[[Mapping[str, Any]], Any]]] = {
     "control.fifo": (None, lambda v: v["control.fifo"]
                      or os.path.join(v["runtime_dir"], "control.fifo")),
     "plugins": ({}, lambda v: MappingProxyType(dict(v["plugins"]))),
-    "cluster.node": (None, lambda v: v["cluster.node"]
-                     or f"{socket.gethostname()}:{v['listen.port']}"),
+    # only a clustered node has a name: a single node's port change is no name change
+    "cluster.node": (None, lambda v: v["cluster.node"] or (
+        f"{socket.gethostname()}:{v['listen.port']}" if v["cluster.redis"] else None)),
 }
 
 #: The sections of the file and the settings each becomes; a key outside them

@@ -73,7 +73,7 @@ class ClusterSettings:
     redis: str | None = None  # None: a single node, no Redis anywhere
     password_file: str | None = None
     room: str = "main"
-    node: str = ""  # the configuration's default is the host name and the UDP port
+    node: str | None = None  # clustered: by default the host name and the UDP port
     node_timeout: float = 10.0
 
     @property

@@ -444,7 +444,7 @@ def test_a_reload_keeps_exactly_the_restart_only_keys(tmp_path, monkeypatch):
     assert config.restart_only_changes(old, merged) == []
     assert config.restart_only_changes(old, new) == [
         "listen.port", "daemon.umask", "control.socket", "control.fifo", "control.mode",
-        "cluster.node", "runtime_dir"]
+        "runtime_dir"]
     # the one list decides: a single key of a section, and a section no longer in it
     monkeypatch.setattr(config, "RESTART_ONLY", ("listen", "room.max_users"))
     merged = config.keep_restart_only(old, new)
