@@ -102,6 +102,8 @@ class AdminChild:
     daemon_uid: int
     read_terminal: bool = False
     peers: dict[int, _Peer] = field(default_factory=dict)
+    #: the ``metrics.listen`` socket the daemon bound, served here (chatd.metrics_http)
+    metrics_sock: socket.socket | None = None
 
     def __post_init__(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -123,6 +125,13 @@ class AdminChild:
         self._daemon = LineChannel(self.channel, max_depth=None)  # the daemon is trusted
         self._next_id = 0
         self._pending: dict[int, int | None] = {}  # request id -> peer fd (None: no reply)
+        self._metrics_requests: set[int] = set()  # ids of the endpoint's status requests
+        self.metrics = None
+        if self.metrics_sock is not None:
+            from chatd.metrics_http import MetricsEndpoint
+
+            self.metrics = MetricsEndpoint(self.metrics_sock, self.selector,
+                                           self._ask_status_for_metrics)
 
     def serve(self) -> None:
         self.channel.setblocking(True)
@@ -131,12 +140,16 @@ class AdminChild:
         self.selector.register(self.channel, selectors.EVENT_READ, self._from_daemon)
         if self.read_terminal:
             self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, self._read_terminal)
+        if self.metrics is not None:
+            self.metrics.start()
         self._send_daemon({"event": "ready", "pid": os.getpid(), "socket": self.settings.socket})
         log.info("admin_child_serving", socket=self.settings.socket, fifo=self.settings.fifo)
         while True:
             for key, mask in self.selector.select(timeout=1.0):
                 key.data(key, mask)
             self._expire_peers()
+            if self.metrics is not None:
+                self.metrics.tick()
             self._recreate_missing_files()
 
     # -- files removed under our feet (runtime_dir wiped, tmp cleaners) -------------------
@@ -196,12 +209,22 @@ class AdminChild:
             if answer.get("event") == "ping":  # the daemon's heartbeat: we are alive
                 self._send_daemon({"event": "pong", "seq": answer.get("seq")})
                 continue
+            if answer.get("id") in self._metrics_requests and self.metrics is not None:
+                self._metrics_requests.discard(answer.pop("id"))
+                self.metrics.on_status(answer)
+                continue
             peer_fd = self._pending.pop(answer.pop("id", None), None)
             if peer_fd is None:
                 if not answer.get("ok"):
                     self._log_bounded("control_line_failed", error=answer.get("error"))
                 continue
             self._answer(peer_fd, answer)
+
+    def _ask_status_for_metrics(self) -> None:
+        """The metrics endpoint's one question: the daemon's status, as chatctl asks it."""
+        self._next_id += 1
+        self._metrics_requests.add(self._next_id)
+        self._send_daemon({"id": self._next_id, "cmd": "status", "args": {}})
 
     # -- socket peers ---------------------------------------------------------------
 
@@ -350,14 +373,15 @@ def _try_send(conn: socket.socket, answer: dict[str, Any]) -> None:
 
 
 def run_admin_child(settings: ControlSettings, channel: socket.socket, daemon_uid: int,
-                    read_terminal: bool) -> int:
+                    read_terminal: bool, metrics_sock: socket.socket | None = None) -> int:
     """The admin child's whole life; returns its exit status."""
     for signum in (signal.SIGINT, signal.SIGHUP):  # the daemon handles these, then stops us
         signal.signal(signum, signal.SIG_IGN)
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     try:
-        child = AdminChild(settings, channel, daemon_uid, read_terminal)
+        child = AdminChild(settings, channel, daemon_uid, read_terminal,
+                           metrics_sock=metrics_sock)
     except OSError as exc:
         message = exc.strerror or str(exc)
         with contextlib.suppress(OSError):
@@ -373,13 +397,16 @@ def run_admin_child(settings: ControlSettings, channel: socket.socket, daemon_ui
     return 0
 
 
-def _child_main(channel: socket.socket, settings: ControlSettings, read_terminal: bool) -> None:
+def _child_main(channel: socket.socket, settings: ControlSettings, read_terminal: bool,
+                metrics_sock: socket.socket | None = None) -> None:
     """The admin child: keep only what it needs, serve, and never return into the daemon."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
         sink = log_mod.current_sink()
         keep = {0, 1, 2, channel.fileno()}
+        if metrics_sock is not None:
+            keep.add(metrics_sock.fileno())
         if sink is not None and sink.fileno() is not None:
             keep.add(sink.fileno())
         close_all_open_files(exclude=keep)
@@ -387,7 +414,7 @@ def _child_main(channel: socket.socket, settings: ControlSettings, read_terminal
             import setproctitle  # optional: shows what the process is in ps
 
             setproctitle.setproctitle("chatd: admin child")
-        code = run_admin_child(settings, channel, os.getuid(), read_terminal)
+        code = run_admin_child(settings, channel, os.getuid(), read_terminal, metrics_sock)
     except BaseException:  # noqa: BLE001 - the child must end here whatever happens
         with contextlib.suppress(Exception):
             log.exception("admin_child_crashed")
@@ -403,9 +430,12 @@ class AdminService(Service):
 
     name = "admin"
 
-    def __init__(self, server: Server, read_terminal: bool = False):
+    def __init__(self, server: Server, read_terminal: bool = False,
+                 metrics_sock: socket.socket | None = None):
         self.server = server
         self.read_terminal = read_terminal
+        self.metrics_sock = metrics_sock
+        self.restarts = 0  # children started after the first
         self.pid: int | None = None
         self.channel: LineChannel | None = None
         self._spawned_at = 0.0
@@ -423,7 +453,7 @@ class AdminService(Service):
         return (self.pid,) if self.pid is not None else ()
 
     def status(self) -> dict[str, Any]:
-        return {"admin_child_pid": self.pid}
+        return {"admin_child_pid": self.pid, "admin_child_restarts": self.restarts}
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -484,7 +514,8 @@ class AdminService(Service):
             child_end.close()
             raise
         if pid == 0:
-            _child_main(child_end, self.server.settings.control, self.read_terminal)
+            _child_main(child_end, self.server.settings.control, self.read_terminal,
+                        self.metrics_sock)
         child_end.close()
         parent_end.setblocking(False)
         self.pid = pid
@@ -535,6 +566,7 @@ class AdminService(Service):
             self._retry_later(now, repr(exc))
             raise  # the server's guard logs where it came from
         self._respawn_at = None
+        self.restarts += 1
         self._watch()
 
     def _retry_later(self, now: float, error: str) -> None:

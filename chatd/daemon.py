@@ -64,6 +64,9 @@ class Prepared:
     sink: log_mod.Sink
     identity: tuple[int, int] | None  # (uid, gid) to become, when configured
     log_file_default: str | None = None  # the log file when the config sets none
+    #: ``metrics.listen``, bound before the fork (and before privileges drop); every
+    #: admin child serves it in turn (chatd.metrics_http), the daemon never reads it
+    metrics_sock: socket.socket | None = None
 
 
 def default_log_file() -> str:
@@ -242,10 +245,26 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
                 sock = bind_udp(settings.listen)
             except BindError as exc:
                 raise StartError(str(exc)) from None
+        metrics_sock = _bind_metrics(settings, sock)
     except BaseException:
         pidfile.release()
         raise
-    return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default)
+    return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default,
+                    metrics_sock)
+
+
+def _bind_metrics(settings: Settings, udp: socket.socket) -> socket.socket | None:
+    """The ``metrics.listen`` socket, or None when it is off; the UDP socket is closed
+    when it cannot be bound (start-up ends with the error naming the key)."""
+    if settings.metrics.listen is None:
+        return None
+    from chatd.metrics_http import MetricsBindError, bind  # prometheus_client only if on
+
+    try:
+        return bind(settings.metrics.listen)
+    except MetricsBindError as exc:
+        udp.close()
+        raise StartError(str(exc.strerror), "metrics.listen") from None
 
 
 def _serve(prepared: Prepared, notifier: systemd.Notifier,
@@ -269,12 +288,15 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier,
         server.add_service(PidfileKeeper(prepared.pidfile))
         try:
             server.add_service(AdminService(
-                server, read_terminal=on_ready is None and _stdin_is_tty()))
+                server, read_terminal=on_ready is None and _stdin_is_tty(),
+                metrics_sock=prepared.metrics_sock))
         except AdminStartError as exc:
             raise StartError(str(exc)) from None
         return server.serve(ready=on_ready)
     finally:
         prepared.sock.close()  # the port first: it must be free once the lock is
+        if prepared.metrics_sock is not None:
+            prepared.metrics_sock.close()
         prepared.pidfile.release()
 
 
@@ -362,6 +384,8 @@ def start(settings: Settings, config_path: str | None) -> int:
         os._exit(1)  # not reached
     os.close(write_end)
     prepared.sock.close()
+    if prepared.metrics_sock is not None:
+        prepared.metrics_sock.close()
     prepared.pidfile.forget()  # the daemon holds the lock now (one open file, shared)
     return _await_daemon(prepared.settings, read_end, child)
 
@@ -387,7 +411,9 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
             umask=prepared.settings.daemon.umask,
             working_directory="/",
             files_preserve=[prepared.sock.fileno(), prepared.pidfile.fileno(), ready_fd,
-                            *([prepared.sink.fileno()] if prepared.sink.fileno() else [])],
+                            *([prepared.sink.fileno()] if prepared.sink.fileno() else []),
+                            *([prepared.metrics_sock.fileno()] if prepared.metrics_sock
+                              else [])],
             signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
         )
         context.open()

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("plugins", "loaded plugins, their state and failure counts")):
         sub.add_parser(verb, help=text).add_argument(
             "--json", action="store_true", help="machine-readable output")
+    sub.add_parser("metrics", help="the status as Prometheus text, as metrics.listen serves it "
+                   "(no endpoint needed)")
     sub.add_parser("reload", help="re-read the configuration: prints what changed, what needs "
                    "a restart, or the error if it is invalid").add_argument(
         "--json", action="store_true", help="machine-readable output")
@@ -55,6 +57,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "say", {"text": " ".join(args.text)}
     if args.verb == "kick":
         return "kick", {"name": args.name, "reason": " ".join(args.reason)}
+    if args.verb == "metrics":  # rendered here, from the status: see _metrics
+        return "status", {}
     return args.verb, {}
 
 
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         # the admin child's peer check: like EACCES on the socket, only later
         return EXIT_DENIED if error.startswith("permission denied") else EXIT_REFUSED
     result = answer.get("result")
-    if getattr(args, "json", False):
+    if args.verb == "metrics":
+        sys.stdout.write(_metrics(result))
+    elif getattr(args, "json", False):
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         print(HUMAN[cmd](result))
@@ -116,6 +122,17 @@ def _status(status: dict[str, Any]) -> str:
         lines.append(f"{title + ':':<13} {shown}")
     lines.append(f"log errors:   {status.get('log_write_errors', 0)} lines not written")
     return "\n".join(lines)
+
+
+def _metrics(status: dict[str, Any]) -> str:
+    """The text the endpoint serves, rendered from ``chatctl status``'s answer.
+
+    Here and not in the daemon: the daemon's loop only builds the status dict, as for
+    ``chatctl status``, whatever an admin asks for; and an older daemon is served too.
+    """
+    from chatd.metrics import render  # prometheus_client: only for this verb
+
+    return render(status).decode()
 
 
 def _plugins(plugins: list[dict[str, Any]]) -> str:
