@@ -56,8 +56,8 @@ class ClusterBridge(Service):
         self.room = server.room
         self.apply = server.apply
         self.settings = settings
-        self.node = settings.node
         self.link = link if link is not None else ClusterLink(settings)  # ValueError: config
+        self.node = self.link.node
         #: names held by this node in Redis that no session here has (a previous process of
         #: this node, killed): adoptable until the deadline, then freed and told as leaves
         self._orphans: dict[str, float] = {}
