@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from helpers import ChatdProcess, UdpUser, wait_for
+import yaml
+from helpers import ChatdProcess, UdpUser, free_udp_port, wait_for
 from redisproc import free_tcp_port, needs_redis
 
 pytestmark = needs_redis
@@ -190,12 +191,15 @@ def nodes(make_chatd, redis_server) -> Callable[..., list[ChatdProcess]]:
     return make
 
 
+def node_of(server: ChatdProcess) -> str:
+    return yaml.safe_load(server.config.read_text())["cluster"]["node"]
+
+
 def join_all(clients, servers: list[ChatdProcess], names: list[str]) -> list[UdpUser]:
     """Log each name in on its server (names[i] on servers[i]) and wait until every node
     knows every user: afterwards, every join notice has been sent."""
     users = [clients(server).join(name) for server, name in zip(servers, names, strict=True)]
-    expected = {name: f"n{servers.index(server) + 1}"
-                for server, name in zip(servers, names, strict=True)}
+    expected = {name: node_of(server) for server, name in zip(servers, names, strict=True)}
     for server in set(servers):
         wait_who(server, expected)
     for user in users:
@@ -230,3 +234,171 @@ def test_three_nodes_one_room(nodes, clients):
         expect_line(user, "\ncarol left the room")
     wait_who(n1, {"alice": "n1", "bob": "n2"})
     assert clients(n1).login("carol") == b"OK"  # the name is free again
+
+
+def test_name_race_on_three_nodes_has_exactly_one_winner(nodes, clients):
+    servers = nodes(3)
+    racers = [clients(server, "alice") for server in servers for _ in range(6)]
+    for racer in racers:  # all at once: none waits for an answer before the next asks
+        racer.send("L alice")
+    answers = [racer.recv(timeout=SLOW) for racer in racers]
+    assert answers.count(b"OK") == 1, answers
+    assert set(answers) == {b"OK", b"\nthe name alice is already taken"}, answers
+    winner = servers[[i // 6 for i, a in enumerate(answers) if a == b"OK"][0]]
+    for server in servers:
+        wait_who(server, {"alice": f"n{servers.index(winner) + 1}"})
+
+
+def test_admin_say_who_kick_across_nodes(nodes, clients):
+    n1, n2, n3 = nodes(3)
+    alice, bob, carol = join_all(clients, [n1, n2, n3], ["alice", "bob", "carol"])
+    result = chatctl(n2, "say", "meeting", "at", "noon")
+    assert result.returncode == 0, result.stderr
+    assert "said to 3 users" in result.stdout
+    for user in (alice, bob, carol):
+        expect_line(user, "\nadmin says: meeting at noon")
+    listing = chatctl(n1, "who")
+    assert listing.returncode == 0, listing.stderr
+    header, *rows = listing.stdout.splitlines()
+    assert header.split()[-1] == "NODE", header
+    assert sorted((row.split()[0], row.split()[-1]) for row in rows) == [
+        ("alice", "n1"), ("bob", "n2"), ("carol", "n3")]
+    result = chatctl(n1, "kick", "carol", "spamming")  # carol is on n3
+    assert result.returncode == 0, result.stderr
+    expect_line(carol, "\nyou were removed from the room: spamming")
+    expect_line(carol, "EXIT")
+    for user in (alice, bob):
+        expect_line(user, "\ncarol was removed from the room: spamming")
+    for server in (n1, n2, n3):
+        wait_who(server, {"alice": "n1", "bob": "n2"})
+    status = chatctl_json(n3, "status")["cluster"]
+    assert status["node"] == "n3" and status["redis_connected"] is True
+    assert status["users_total"] == 2 and status["users_local"] == 0
+    assert status["nodes_alive"] == 3
+    human = chatctl(n3, "status").stdout
+    assert "cluster:" in human and "3 nodes alive" in human, human
+    assert chatctl(n2, "kick", "nobody").returncode == 1
+
+
+def test_a_killed_node_s_users_leave_once_and_free_their_names(nodes, clients):
+    n1, n2 = nodes(2, node_timeout=2)
+    alice, bob = join_all(clients, [n1, n2], ["alice", "bob"])
+    n2.proc.kill()
+    n2.proc.wait(10)
+    expect_line(alice, "\nbob left the room (timed out)", timeout=2 + SLOW)
+    wait_who(n1, {"alice": "n1"})
+    assert clients(n1).login("bob") == b"OK"  # the dead node's name is free
+    assert "\nbob left the room (timed out)" not in received(alice, 1.0)
+
+
+def test_a_stalled_redis_delays_no_local_line_and_loses_nothing(nodes, clients, redis_server):
+    n1, n2 = nodes(2, node_timeout=30)
+    alice, bob, carol = join_all(clients, [n1, n1, n2], ["alice", "bob", "carol"])
+    redis_server.pause()
+    try:
+        stalled = time.monotonic()
+        for i in range(3):
+            alice.say(f"during the stall {i}")
+            carol.say(f"carol during the stall {i}")
+        for i in range(3):  # on alice's own node: at once, while Redis is still stopped
+            expect_line(bob, f"\nalice says: during the stall {i}", timeout=4)
+        assert time.monotonic() - stalled < 5, "local lines waited for Redis"
+        time.sleep(max(0.0, 5 - (time.monotonic() - stalled)))  # the stall lasts 5 s
+    finally:
+        redis_server.resume()
+    for i in range(3):  # every line, in order, exactly once
+        expect_line(carol, f"\nalice says: during the stall {i}")
+        expect_line(alice, f"\ncarol says: carol during the stall {i}")
+        expect_line(bob, f"\ncarol says: carol during the stall {i}")
+    alice.ping()
+    assert not any("during the stall" in line for line in received(carol, 1.0))
+
+
+def test_redis_restarted_empty_is_filled_again(nodes, clients, redis_server):
+    n1, n2 = nodes(2, node_timeout=30)
+    alice, bob = join_all(clients, [n1, n2], ["alice", "bob"])
+    redis_server.restart()
+    names = wait_for(lambda: (lambda held: held if set(held) == {"alice", "bob"} else None)(
+        redis_server.client().hgetall("chatd:{main}:names")), timeout=SLOW, interval=0.2,
+        what="the names back in the new Redis")
+    assert json.loads(names["alice"])["node"] == "n1"
+    assert json.loads(names["bob"])["node"] == "n2"
+    assert clients(n1).login("bob") == b"\nthe name bob is already taken"
+    wait_for(lambda: chatctl_json(n1, "status")["cluster"]["redis_connected"], timeout=SLOW,
+             interval=0.2, what="n1 connected again")
+    deadline = time.monotonic() + SLOW  # lines flow again, both ways
+    while True:
+        alice.say("after the restart")
+        if "\nalice says: after the restart" in received(bob, 1.0):
+            break
+        assert time.monotonic() < deadline, "no line from n1 reached n2 after the restart"
+    bob.say("me too")
+    expect_line(alice, "\nbob says: me too")
+    dave = clients(n2).join("dave")
+    expect_line(alice, "\ndave joined the room")
+    assert dave.name == "dave"
+
+
+def test_a_node_cut_off_for_10s_catches_up_both_ways(nodes, clients, redis_server, proxies,
+                                                     make_chatd):
+    proxy = proxies(redis_server.port)
+    n1 = make_chatd(cluster_config(redis_server.url, "n1", node_timeout=30))
+    n2 = make_chatd(cluster_config(proxy.url, "n2", node_timeout=30))
+    alice, bob, carol = join_all(clients, [n1, n2, n2], ["alice", "bob", "carol"])
+    proxy.stop()
+    wait_for(lambda: not chatctl_json(n2, "status")["cluster"]["redis_connected"],
+             timeout=SLOW, interval=0.2, what="n2 to notice it is cut off")
+    cut = time.monotonic()
+    for i in range(5):
+        alice.say(f"n1 line {i}")
+        bob.say(f"n2 line {i}")
+        expect_line(carol, f"\nbob says: n2 line {i}")  # n2's own users are served meanwhile
+        time.sleep(1.5)
+    time.sleep(max(0.0, 10 - (time.monotonic() - cut)))
+    assert not any("n1 line" in line for line in received(bob, 0.2))
+    proxy.start()
+    for i in range(5):  # each line once, in the order spoken
+        expect_line(bob, f"\nalice says: n1 line {i}")
+        expect_line(alice, f"\nbob says: n2 line {i}")
+    alice.ping()
+    bob.ping()
+    assert not any("line" in line for line in received(bob, 1.0) + received(alice, 0.2))
+    events = [e["event"] for e in n2.log_events()]
+    assert events.count("cluster_disconnected") == 1, "logged once, not once per line"
+
+
+def test_reuseport_nodes_share_a_port_and_adopt_a_restarted_node_s_users(
+        make_chatd, redis_server, clients):
+    port = free_udp_port()
+    config = {"listen": {"reuseport": True}}
+    n1 = make_chatd(cluster_config(redis_server.url, "n1", node_timeout=10, **config),
+                    port=port)
+    n2 = make_chatd(cluster_config(redis_server.url, "n2", node_timeout=10, **config),
+                    port=port)
+    users = [clients(n1).join(f"user{i}") for i in range(12)]
+    placed = wait_for(lambda: (lambda w: w if len(w) == 12 else None)(who(n1)), timeout=SLOW,
+                      interval=0.2, what="every user known on n1")
+    on = {node: [u for u in users if placed[u.name] == node] for node in ("n1", "n2")}
+    victim, survivor = (n1, n2) if len(on["n1"]) >= len(on["n2"]) else (n2, n1)
+    moved = on["n1"] if victim is n1 else on["n2"]
+    stay = on["n2"] if victim is n1 else on["n1"]
+    victim.proc.kill()
+    victim.proc.wait(10)
+    for user in moved:  # the kernel gives their datagrams to the survivor: it adopts them
+        assert user.ping() == b"PONG"
+    survivor_node = "n2" if victim is n1 else "n1"
+    wait_who(survivor, {u.name: survivor_node for u in users})
+    moved[0].say("still here")
+    for user in stay + moved[1:]:
+        expect_line(user, f"\n{moved[0].name} says: still here")
+    for user in users:  # nobody was told anyone left or joined
+        assert not any("left the room" in t or "joined" in t for t in received(user, 0.3))
+    victim.start()  # the same node again; the kernel may hand users back to it
+    for user in users:
+        assert user.ping() == b"PONG"
+    final = wait_for(lambda: (lambda w: w if len(w) == 12 else None)(who(survivor)),
+                     timeout=SLOW, interval=0.2, what="12 users after the restart")
+    assert set(final) == {u.name for u in users}
+    users[-1].say("after the restart")
+    for user in users[:-1]:
+        expect_line(user, f"\n{users[-1].name} says: after the restart")

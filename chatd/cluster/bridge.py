@@ -18,6 +18,7 @@ node's templates, and keeps the room's replica of the other nodes' users.
 from __future__ import annotations
 
 import json
+import select
 import selectors
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +44,9 @@ from chatd.services import Service
 from chatd.settings import ClusterSettings
 
 log = structlog.get_logger("chatd")
+
+#: Seconds start-up waits, at most, to learn who the other nodes serve before it serves.
+FIRST_PRESENCE_WAIT = 5.0
 
 
 class ClusterBridge(Service):
@@ -73,10 +77,29 @@ class ClusterBridge(Service):
 
     def start(self) -> None:
         self.room.enable_cluster()
-        self.link.start()
-        self.server.watch(self.link.fileno(), selectors.EVENT_READ, self._on_link)
         self.server.bridge = self
-        log.info("cluster_started", node=self.node, room=self.settings.room)
+        self.link.start()
+        self._await_presence(min(FIRST_PRESENCE_WAIT, self.settings.node_timeout))
+        self.server.watch(self.link.fileno(), selectors.EVENT_READ, self._on_link)
+        log.info("cluster_started", node=self.node, room=self.settings.room,
+                 users_elsewhere=self.room.population())
+
+    def _await_presence(self, timeout: float) -> None:
+        """Before the room serves, learn who the other nodes serve (bounded): a datagram
+        from one of their users, which the kernel may give this new node (reuseport), is
+        then a session to adopt, not a stranger's. A Redis that is down is not waited for:
+        the node serves its own users meanwhile."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not select.select([self.link.fileno()], [], [], remaining)[0]:
+                break
+            items = self.link.drain()
+            for item in items:
+                self._inbound(item)
+            if any(isinstance(i, Presence) or (isinstance(i, LinkState) and not i.connected)
+                   for i in items):
+                return
+        log.warning("cluster_presence_late", waited=timeout)
 
     def stop(self) -> None:
         """After the room said goodbye (its leaves are queued): flush them, free our names."""
