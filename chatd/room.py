@@ -16,7 +16,7 @@ import json
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from chatd import protocol
 from chatd.cookies import CookieJar
@@ -41,9 +41,11 @@ from chatd.events import (
 from chatd.formats import format_addr
 from chatd.hosts import host_key
 from chatd.names import confusable_keys, name_key, name_problem
-from chatd.replica import RemoteUser, Replica
 from chatd.settings import RoomSettings
 from chatd.textsafe import neutralise, truncate_utf8
+
+if TYPE_CHECKING:  # a single node never loads the replica of a cluster's other nodes
+    from chatd.replica import RemoteUser, Replica
 
 #: Version of :meth:`Room.snapshot`'s format; :meth:`Room.restore` refuses others.
 SNAPSHOT_VERSION: Final = 1
@@ -408,6 +410,8 @@ class Room:
         (:class:`ClaimWanted`), what the others must hear is emitted as :class:`Relay`
         events, and the other nodes' users are kept in :attr:`replica`."""
         if self.replica is None:
+            from chatd.replica import Replica
+
             self.replica = Replica()
 
     def remote_users(self) -> list[RemoteUser]:

@@ -349,6 +349,9 @@ def test_a_node_cut_off_for_10s_catches_up_both_ways(nodes, clients, redis_serve
     wait_for(lambda: not chatctl_json(n2, "status")["cluster"]["redis_connected"],
              timeout=SLOW, interval=0.2, what="n2 to notice it is cut off")
     cut = time.monotonic()
+    # one name taken on both sides meanwhile: n2 grants it provisionally, n1 through Redis
+    zed_n2 = clients(n2).join("zed")
+    zed_n1 = clients(n1).join("zed")
     for i in range(5):
         alice.say(f"n1 line {i}")
         bob.say(f"n2 line {i}")
@@ -365,6 +368,13 @@ def test_a_node_cut_off_for_10s_catches_up_both_ways(nodes, clients, redis_serve
     assert not any("line" in line for line in received(bob, 1.0) + received(alice, 0.2))
     events = [e["event"] for e in n2.log_events()]
     assert events.count("cluster_disconnected") == 1, "logged once, not once per line"
+    # the claim that reached Redis first won: n2's zed is told and asked to log in again
+    expect_line(zed_n2, "\nthe name zed was taken on another server while this one was cut "
+                        "off: log in again")
+    expect_line(zed_n2, "EXIT")
+    for server in (n1, n2):
+        wait_who(server, {"alice": "n1", "bob": "n2", "carol": "n2", "zed": "n1"})
+    zed_n1.ping()
 
 
 def test_reuseport_nodes_share_a_port_and_adopt_a_restarted_node_s_users(
@@ -402,3 +412,41 @@ def test_reuseport_nodes_share_a_port_and_adopt_a_restarted_node_s_users(
     users[-1].say("after the restart")
     for user in users[:-1]:
         expect_line(user, f"\n{users[-1].name} says: after the restart")
+
+
+def imported_modules(make_chatd, tmp_path, overrides: dict | None, name: str) -> set[str]:
+    """The modules a real ``chatd run`` imported by the time it served a login (Python's
+    own import log: ``PYTHONPROFILEIMPORTTIME``, its stderr sent to a file)."""
+    trace = tmp_path / f"{name}.imports"
+    server = make_chatd(overrides, env={"PYTHONPROFILEIMPORTTIME": "1"},
+                        wrapper=["sh", "-c", f'exec "$@" 2>"{trace}"', "sh"])
+    user = UdpUser(server.addr).join("alice")
+    user.say("hello")
+    user.ping()
+    user.close()
+    server.stop()
+    return {line.rsplit("|", 1)[-1].strip() for line in trace.read_text().splitlines()
+            if line.startswith("import time:")}
+
+
+def test_a_single_node_loads_no_cluster_code(make_chatd, redis_server, tmp_path):
+    """Without ``cluster:`` neither chatd.cluster nor Redis's client is imported; with it,
+    both are (the same check, on a clustered node, proves the check sees them)."""
+    single = imported_modules(make_chatd, tmp_path, None, "single")
+    assert "chatd.server" in single
+    assert not {m for m in single if m.startswith(("chatd.cluster", "chatd.replica", "redis"))}
+    clustered = imported_modules(make_chatd, tmp_path,
+                                 cluster_config(redis_server.url, "n1"), "clustered")
+    assert {"chatd.cluster.bridge", "redis"} <= clustered
+
+
+def test_a_node_serves_its_own_users_while_redis_is_unreachable(make_chatd, clients):
+    closed = free_tcp_port()  # nothing listens there
+    n1 = make_chatd(cluster_config(f"redis://127.0.0.1:{closed}/0", "n1"))
+    alice, bob = clients(n1).join("alice"), clients(n1).join("bob")
+    expect_line(alice, "\nbob joined the room")
+    alice.say("anyone?")
+    expect_line(bob, "\nalice says: anyone?")
+    status = chatctl_json(n1, "status")["cluster"]
+    assert status["redis_connected"] is False
+    assert "NOT CONNECTED" in chatctl(n1, "status").stdout
