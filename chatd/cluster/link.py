@@ -464,17 +464,12 @@ class ClusterLink:
         self._assert_names()
 
     def _trimmed_after(self, last_id: str) -> bool:
-        """Whether MAXLEN trimmed entries newer than ``last_id`` (not read by this node)."""
-        try:
-            info = self._io.xinfo_stream(self.k_stream)
-        except redis.ResponseError:  # no stream (yet)
-            return False
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:
-            return _id(str(deleted)) > _id(last_id)
-        first = info.get("first-entry")  # Redis < 7: a guess from the oldest entry left
-        return bool(first) and _id(first[0]) > _id(last_id) and info.get("length", 0) >= \
-            STREAM_MAXLEN
+        """Whether MAXLEN trimmed entries this node had not read: the entry it read last is
+        gone (trimming takes whole macro nodes from the front, so the ones after it in its
+        node went too; when it was the last of its node this counts a gap that was none).
+        ``max-deleted-entry-id`` does not help: trimming leaves it alone (Redis 7.0)."""
+        oldest = self._io.xrange(self.k_stream, "-", "+", count=1)
+        return bool(oldest) and _id(oldest[0][0]) > _id(last_id)
 
     @staticmethod
     def _holders(flat: list) -> dict[str, dict[str, str]]:
