@@ -435,14 +435,42 @@ def test_a_redis_restarted_empty_is_repopulated(make_link, redis_server):
     wait_for(lambda: holders(redis_server) == {"ann": "a", "bob": "b"},
              what="names asserted again")
     assert set(redis_server.client().hgetall("chatd:{main}:nodes")) == {"a", "b"}
-    for inbox in (a, b):
+    for inbox, own in ((a, "ann"), (b, "bob")):
         reset = next(v for v in inbox.values if isinstance(v, LinkState) and v.reset)
         after = inbox.values[inbox.values.index(reset):]
-        assert any(isinstance(v, Presence) for v in after)
+        presence = next(v for v in after if isinstance(v, Presence))
+        assert own in presence.holders  # taken after its own names were asserted again
     a.publish("say", n="1")
     b.wait(lambda _: said(b, "a")[-1:] == ["1"], "b: a's record after the restart")
     assert said(b, "a") == ["0", "1"]
     assert not a.of(NameLost) and not b.of(NameLost)
+
+
+def test_nodes_whose_heartbeats_expired_in_one_redis_outage_do_not_reap_each_other(
+        make_link, redis_server, proxy):
+    """After Redis stalled longer than node_timeout every heartbeat has expired: the node
+    that reconnects first must leave the others time to reconnect (b is 2 s later here)."""
+    a = make_link("a", node_timeout=1)
+    b = make_link("b", url=proxy.url, node_timeout=1)
+    a.claim("ann", info(), 1)
+    b.claim("bob", info(), 2)
+    assert a.answer(1).granted and b.answer(2).granted
+    redis_server.pause()
+    try:
+        proxy.cut()
+        a.disconnected()
+        b.disconnected()
+        time.sleep(2)  # the stall: longer than node_timeout, every heartbeat expires
+    finally:
+        redis_server.resume()
+    a.connected(count=2)
+    time.sleep(2)  # b reconnects later: a window in which a reaps every second
+    proxy.restore()
+    b.connected(count=2)
+    a.publish("say", n="barrier")
+    b.wait(lambda _: said(b, "a") == ["barrier"], "b: a record after both are back")
+    assert holders(redis_server) == {"ann": "a", "bob": "b"}
+    assert not a.remotes("node_gone") and not b.remotes("node_gone")
 
 
 def test_a_link_cut_off_catches_up_on_reconnect(make_link, proxy):

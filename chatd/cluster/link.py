@@ -77,6 +77,9 @@ STOP_FLUSH = 1.0
 STOP_JOIN = 2.5
 #: how often the nodes hash is checked for nodes whose heartbeat expired
 REAP_INTERVAL = 1.0
+#: after a reconnect, no reaping for node_timeout + this: long enough for the other nodes,
+#: whose heartbeats expired in the same Redis outage, to reconnect (backoff + timeouts)
+REAP_GRACE = BACKOFF_MAX + 2 * IO_TIMEOUT + CONNECT_TIMEOUT
 #: incarnations remembered per node for duplicate detection
 INCS_PER_NODE = 4
 
@@ -200,6 +203,7 @@ class ClusterLink:
         self._ever_up = False
         self._gen = 0  # bumped on each (re)connect: the reader's position may have moved
         self._run_id: str | None = None
+        self._reap_after = 0.0
         self._outbox_full_logged = False
         self._stopping = False
         self._abandoned = False
@@ -420,7 +424,10 @@ class ClusterLink:
 
     def _connect(self) -> None:
         """Connect, refresh the heartbeat, find out whether Redis came back empty or trimmed
-        what this node had not read yet, then assert every name this node holds."""
+        what this node had not read yet, and assert every name this node holds; then say
+        so, with a fresh snapshot of the names on first connect and after a reset (taken
+        after this node's own names are back, so it lists them, and those of the nodes
+        that reconnected before it; nodes reconnecting later assert theirs silently)."""
         io = self._io
         run_id = str(io.info("server").get("run_id", ""))
         fresh = self._heartbeat() == 1
@@ -435,6 +442,7 @@ class ClusterLink:
         gap = False
         if not reset and last_id != _NO_ID and (resumed or not first):
             gap = self._trimmed_after(last_id)
+        self._assert_names()
         snapshot = self._s_snapshot(keys=[self.k_names, self.k_stream]) if first or reset \
             else None
         self._run_id = run_id
@@ -449,6 +457,9 @@ class ClusterLink:
                 self._counters.gaps += 1
             if self._ever_up:
                 self._counters.reconnects += 1
+                # the other nodes' heartbeats may have expired in the same outage: give
+                # them time to reconnect too before reaping any of them
+                self._reap_after = time.monotonic() + self.node_timeout + REAP_GRACE
             self._ever_up = True
             self._up = True
             self._gen += 1
@@ -461,7 +472,6 @@ class ClusterLink:
         if gap:
             log.warning("cluster_gap", room=self.room, node=self.node, after=last_id,
                         maxlen=STREAM_MAXLEN)
-        self._assert_names()
 
     def _trimmed_after(self, last_id: str) -> bool:
         """Whether MAXLEN trimmed entries this node had not read: the entry it read last is
@@ -498,6 +508,8 @@ class ClusterLink:
         alive[self.node] = True
         with self._lock:
             self._counters.nodes = {node: {"alive": up} for node, up in sorted(alive.items())}
+        if time.monotonic() < self._reap_after:
+            return
         for node, up in alive.items():
             if up:
                 continue
