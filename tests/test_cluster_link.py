@@ -473,6 +473,41 @@ def test_nodes_whose_heartbeats_expired_in_one_redis_outage_do_not_reap_each_oth
     assert not a.remotes("node_gone") and not b.remotes("node_gone")
 
 
+def test_stop_is_bounded_while_redis_stalls(make_link, redis_server):
+    a = make_link("a")
+    a.claim("ann", info(), 1)
+    assert a.answer(1).granted
+    redis_server.pause()
+    try:
+        a.publish("say", n="lost in the stall")
+        began = time.monotonic()
+        a.link.stop()
+        assert time.monotonic() - began < 5
+    finally:
+        redis_server.resume()
+
+
+def test_names_released_and_claimed_again_while_cut_off_end_as_last_asked(make_link, proxy,
+                                                                          redis_server):
+    a = make_link("a", url=proxy.url)
+    a.claim("ann", info(), 1)
+    a.claim("amy", info(), 2)
+    assert a.answer(1).granted and a.answer(2).granted
+    proxy.cut()
+    a.disconnected()
+    a.release("ann")
+    a.claim("ann", info("127.0.0.1:7"), 3)  # logged in again meanwhile
+    a.release("amy")
+    assert a.answer(3).provisional
+    proxy.restore()
+    a.connected(count=2)
+    wait_for(lambda: holders(redis_server) == {"ann": "a"}, what="ann a's again, amy free")
+    assert holders(redis_server) == {"ann": "a"}
+    raw = json.loads(redis_server.client().hget("chatd:{main}:names", "ann"))
+    assert raw["addr"] == "127.0.0.1:7"
+    assert not a.of(NameLost)
+
+
 def test_a_link_cut_off_catches_up_on_reconnect(make_link, proxy):
     a = make_link("a")
     b = make_link("b", url=proxy.url)

@@ -298,7 +298,8 @@ class ClusterLink:
                 "nodes": {node: dict(state) for node, state in c.nodes.items()}}
 
     def position(self) -> dict:
-        """Where reading stands, for a handover restart (:meth:`resume_from`)."""
+        """Where reading stands, for a handover restart (:meth:`resume_from`). It counts
+        what the reader handed over, drained or not: take it after stop() and a last drain()."""
         with self._lock:
             seen = {node: [next(reversed(incs)), incs[next(reversed(incs))]]
                     for node, incs in self._seen.items() if incs}
@@ -395,8 +396,8 @@ class ClusterLink:
                 if not up:
                     try:
                         self._connect()
-                    except _ERRORS as e:
-                        self._mark_down(_reason(e))
+                    except Exception as e:  # noqa: BLE001 - the thread must outlive any error
+                        self._failed(e)
                         self._stop_event.wait(backoff)
                         backoff = min(backoff * 2, BACKOFF_MAX)
                         continue
@@ -415,12 +416,22 @@ class ClusterLink:
                             if not self._ops and not self._stopping and self._up:
                                 self._work.wait(max(0.0, min(next_beat, next_reap)
                                                     - time.monotonic()))
-                except _ERRORS as e:
-                    self._mark_down(_reason(e))
+                except Exception as e:  # noqa: BLE001 - the thread must outlive any error
+                    self._failed(e)
+                    self._stop_event.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
             if not self._abandoned:
                 self._leave()
         finally:
             self._io.close()
+
+    def _failed(self, error: Exception) -> None:
+        """Redis trouble; anything else is a bug, logged, and handled the same way (all is
+        sent again after a reconnect) rather than ending the thread."""
+        if not isinstance(error, _ERRORS):
+            log.error("cluster_link_error", room=self.room, node=self.node,
+                      reason=_reason(error), exc_info=error)
+        self._mark_down(_reason(error))
 
     def _connect(self) -> None:
         """Connect, refresh the heartbeat, find out whether Redis came back empty or trimmed
