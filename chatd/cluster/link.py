@@ -19,6 +19,21 @@ nodes racing for one name never both win. While Redis is unreachable a claim is 
 provisionally; on reconnect every name this node holds is asserted again: a free name is
 taken again silently, a name another node took meanwhile is lost (:class:`NameLost`).
 The claim that reached Redis first wins.
+
+What the loop sees, in order: ``LinkState(connected=True)`` and a :class:`Presence` on
+first connect, then the other nodes' records (``node_gone`` from every node, this one's
+reaping included). After Redis came back empty (``reset=True``) a fresh Presence follows,
+taken once this node's names are back: it lists the names of the nodes that reconnected
+before this one; those reconnecting later assert theirs silently, so a bridge that wants
+every node to know its users again re-publishes them on a reset. Reading then starts at
+the new stream's beginning, so records published to the new Redis before this node got
+back arrive after the Presence (they may repeat what it already shows). The same holds
+after :meth:`ClusterLink.resume_from`: records after the resumed position follow.
+
+Heartbeats: ``SET alive:NODE PX node_timeout`` every node_timeout/5 (at most 2 s). Every
+second each node checks the others' and reaps one whose key expired, in one script that
+only one node can win; right after a reconnect it waits a while first, since the other
+nodes' heartbeats expired in the same outage and they may still be reconnecting.
 """
 
 from __future__ import annotations
