@@ -19,6 +19,21 @@ nodes racing for one name never both win. While Redis is unreachable a claim is 
 provisionally; on reconnect every name this node holds is asserted again: a free name is
 taken again silently, a name another node took meanwhile is lost (:class:`NameLost`).
 The claim that reached Redis first wins.
+
+What the loop sees, in order: ``LinkState(connected=True)`` and a :class:`Presence` on
+first connect, then the other nodes' records (``node_gone`` from every node, this one's
+reaping included). After Redis came back empty (``reset=True``) a fresh Presence follows,
+taken once this node's names are back: it lists the names of the nodes that reconnected
+before this one; those reconnecting later assert theirs silently, so a bridge that wants
+every node to know its users again re-publishes them on a reset. Reading then starts at
+the new stream's beginning, so records published to the new Redis before this node got
+back arrive after the Presence (they may repeat what it already shows). The same holds
+after :meth:`ClusterLink.resume_from`: records after the resumed position follow.
+
+Heartbeats: ``SET alive:NODE PX node_timeout`` every node_timeout/5 (at most 2 s). Every
+second each node checks the others' and reaps one whose key expired, in one script that
+only one node can win; right after a reconnect it waits a while first, since the other
+nodes' heartbeats expired in the same outage and they may still be reconnecting.
 """
 
 from __future__ import annotations
@@ -77,6 +92,9 @@ STOP_FLUSH = 1.0
 STOP_JOIN = 2.5
 #: how often the nodes hash is checked for nodes whose heartbeat expired
 REAP_INTERVAL = 1.0
+#: after a reconnect, no reaping for node_timeout + this: long enough for the other nodes,
+#: whose heartbeats expired in the same Redis outage, to reconnect (backoff + timeouts)
+REAP_GRACE = BACKOFF_MAX + 2 * IO_TIMEOUT + CONNECT_TIMEOUT
 #: incarnations remembered per node for duplicate detection
 INCS_PER_NODE = 4
 
@@ -200,6 +218,7 @@ class ClusterLink:
         self._ever_up = False
         self._gen = 0  # bumped on each (re)connect: the reader's position may have moved
         self._run_id: str | None = None
+        self._reap_after = 0.0
         self._outbox_full_logged = False
         self._stopping = False
         self._abandoned = False
@@ -294,7 +313,8 @@ class ClusterLink:
                 "nodes": {node: dict(state) for node, state in c.nodes.items()}}
 
     def position(self) -> dict:
-        """Where reading stands, for a handover restart (:meth:`resume_from`)."""
+        """Where reading stands, for a handover restart (:meth:`resume_from`). It counts
+        what the reader handed over, drained or not: take it after stop() and a last drain()."""
         with self._lock:
             seen = {node: [next(reversed(incs)), incs[next(reversed(incs))]]
                     for node, incs in self._seen.items() if incs}
@@ -391,8 +411,8 @@ class ClusterLink:
                 if not up:
                     try:
                         self._connect()
-                    except _ERRORS as e:
-                        self._mark_down(_reason(e))
+                    except Exception as e:  # noqa: BLE001 - the thread must outlive any error
+                        self._failed(e)
                         self._stop_event.wait(backoff)
                         backoff = min(backoff * 2, BACKOFF_MAX)
                         continue
@@ -411,16 +431,29 @@ class ClusterLink:
                             if not self._ops and not self._stopping and self._up:
                                 self._work.wait(max(0.0, min(next_beat, next_reap)
                                                     - time.monotonic()))
-                except _ERRORS as e:
-                    self._mark_down(_reason(e))
+                except Exception as e:  # noqa: BLE001 - the thread must outlive any error
+                    self._failed(e)
+                    self._stop_event.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
             if not self._abandoned:
                 self._leave()
         finally:
             self._io.close()
 
+    def _failed(self, error: Exception) -> None:
+        """Redis trouble; anything else is a bug, logged, and handled the same way (all is
+        sent again after a reconnect) rather than ending the thread."""
+        if not isinstance(error, _ERRORS):
+            log.error("cluster_link_error", room=self.room, node=self.node,
+                      reason=_reason(error), exc_info=error)
+        self._mark_down(_reason(error))
+
     def _connect(self) -> None:
         """Connect, refresh the heartbeat, find out whether Redis came back empty or trimmed
-        what this node had not read yet, then assert every name this node holds."""
+        what this node had not read yet, and assert every name this node holds; then say
+        so, with a fresh snapshot of the names on first connect and after a reset (taken
+        after this node's own names are back, so it lists them, and those of the nodes
+        that reconnected before it; nodes reconnecting later assert theirs silently)."""
         io = self._io
         run_id = str(io.info("server").get("run_id", ""))
         fresh = self._heartbeat() == 1
@@ -435,6 +468,7 @@ class ClusterLink:
         gap = False
         if not reset and last_id != _NO_ID and (resumed or not first):
             gap = self._trimmed_after(last_id)
+        self._assert_names()
         snapshot = self._s_snapshot(keys=[self.k_names, self.k_stream]) if first or reset \
             else None
         self._run_id = run_id
@@ -449,6 +483,9 @@ class ClusterLink:
                 self._counters.gaps += 1
             if self._ever_up:
                 self._counters.reconnects += 1
+                # the other nodes' heartbeats may have expired in the same outage: give
+                # them time to reconnect too before reaping any of them
+                self._reap_after = time.monotonic() + self.node_timeout + REAP_GRACE
             self._ever_up = True
             self._up = True
             self._gen += 1
@@ -461,20 +498,14 @@ class ClusterLink:
         if gap:
             log.warning("cluster_gap", room=self.room, node=self.node, after=last_id,
                         maxlen=STREAM_MAXLEN)
-        self._assert_names()
 
     def _trimmed_after(self, last_id: str) -> bool:
-        """Whether MAXLEN trimmed entries newer than ``last_id`` (not read by this node)."""
-        try:
-            info = self._io.xinfo_stream(self.k_stream)
-        except redis.ResponseError:  # no stream (yet)
-            return False
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:
-            return _id(str(deleted)) > _id(last_id)
-        first = info.get("first-entry")  # Redis < 7: a guess from the oldest entry left
-        return bool(first) and _id(first[0]) > _id(last_id) and info.get("length", 0) >= \
-            STREAM_MAXLEN
+        """Whether MAXLEN trimmed entries this node had not read: the entry it read last is
+        gone (trimming takes whole macro nodes from the front, so the ones after it in its
+        node went too; when it was the last of its node this counts a gap that was none).
+        ``max-deleted-entry-id`` does not help: trimming leaves it alone (Redis 7.0)."""
+        oldest = self._io.xrange(self.k_stream, "-", "+", count=1)
+        return bool(oldest) and _id(oldest[0][0]) > _id(last_id)
 
     @staticmethod
     def _holders(flat: list) -> dict[str, dict[str, str]]:
@@ -503,6 +534,8 @@ class ClusterLink:
         alive[self.node] = True
         with self._lock:
             self._counters.nodes = {node: {"alive": up} for node, up in sorted(alive.items())}
+        if time.monotonic() < self._reap_after:
+            return
         for node, up in alive.items():
             if up:
                 continue
