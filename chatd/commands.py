@@ -43,18 +43,25 @@ def cmd_say(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     except TextTooLong as exc:
         return _error(f"text too long: {exc}")
     server.apply(step)
-    return _ok({"users": len(server.room)})
+    return _ok({"users": server.room.population()})
 
 
 def cmd_who(server: Server, args: dict[str, Any]) -> dict[str, Any]:
+    """Every user; in a cluster, with the node serving each, the other nodes' too (their
+    idle time and flags are theirs to know: None here)."""
     now_wall, now = time.time(), time.monotonic()
-    return _ok([
+    node = {"node": server.bridge.node} if server.bridge is not None else {}
+    users = [
         {"name": s.name, "addr": format_addr(s.addr),
          "login_time": iso_time(now_wall - (now - s.joined_at)),
          "idle": round(now - s.last_seen, 1), "keepalive": s.keepalive,
-         "verified": s.verified}
+         "verified": s.verified, **node}
         for s in server.room.sessions()
-    ])
+    ]
+    users += [{"name": r.name, "addr": r.addr, "login_time": r.since, "idle": None,
+               "keepalive": None, "verified": None, "node": r.node}
+              for r in server.room.remote_users()]
+    return _ok(users)
 
 
 def cmd_kick(server: Server, args: dict[str, Any]) -> dict[str, Any]:
@@ -62,10 +69,15 @@ def cmd_kick(server: Server, args: dict[str, Any]) -> dict[str, Any]:
     if name is None:
         return _error("kick needs a name")
     reason = _text_arg(args, "reason") or "kicked by the admin"
+    replica = server.room.replica
+    remote = replica.get(name) if replica is not None and not server.room.session(name) else None
     if not server.room.kick(name, reason):
         return _error(f"no such user: {name}")
-    server.apply(server.room.flush())
-    return _ok({"kicked": name, "reason": reason})
+    server.apply(server.room.flush())  # a user of another node: its node acts on the record
+    result = {"kicked": name, "reason": reason}
+    if server.bridge is not None:
+        result["node"] = remote.node if remote is not None else server.bridge.node
+    return _ok(result)
 
 
 def cmd_status(server: Server, args: dict[str, Any]) -> dict[str, Any]:

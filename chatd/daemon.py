@@ -292,12 +292,26 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier,
                 metrics_sock=prepared.metrics_sock))
         except AdminStartError as exc:
             raise StartError(str(exc)) from None
+        if prepared.settings.cluster.enabled:
+            server.add_service(_cluster_bridge(server))
         return server.serve(ready=on_ready)
     finally:
         prepared.sock.close()  # the port first: it must be free once the lock is
         if prepared.metrics_sock is not None:
             prepared.metrics_sock.close()
         prepared.pidfile.release()
+
+
+def _cluster_bridge(server: Server) -> Service:
+    """The cluster's service (only with ``cluster.redis``: a single node never loads
+    chatd.cluster, nor Redis's client). Redis itself is reached later, by the link's
+    threads: a Redis that is down at start-up does not stop the node from serving."""
+    from chatd.cluster.bridge import ClusterBridge
+
+    try:
+        return ClusterBridge(server, server.settings.cluster)
+    except ValueError as exc:
+        raise StartError(str(exc), "cluster.redis") from None
 
 
 def _check_log_reopenable(settings: Settings) -> None:

@@ -34,6 +34,7 @@ class LeaveReason(enum.StrEnum):
     UNREACHABLE = "unreachable"  # the kernel kept reporting its address unreachable
     EVICTED = "evicted"  # silent too long while the full room had a newcomer
     SHUTDOWN = "shutdown"  # the server stopped
+    NAME_LOST = "name_lost"  # cluster: its name turned out to be another node's (see docs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +118,48 @@ class RepliesCapped(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Relay(Event):
+    """Something the other nodes of a cluster must hear (a join, a line, a kick there).
+
+    Only a clustered room emits these; the cluster bridge publishes each as one
+    record of ``kind`` with ``fields`` (text to text), in the order they come.
+    """
+
+    stranger: ClassVar[bool] = False
+    kind: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimWanted(Event):
+    """A clustered room asks for ``name`` cluster-wide before it answers the login at
+    ``addr``; ``take_from``: the node whose session at ``addr`` this node adopts.
+    The answer comes back through :meth:`chatd.room.Room.claim_answered` with ``token``."""
+
+    stranger: ClassVar[bool] = False
+    token: int
+    name: str
+    addr: Addr
+    take_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NameReleased(Event):
+    """A clustered room no longer needs ``name`` it claimed (nobody is left holding it)."""
+
+    stranger: ClassVar[bool] = False
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     """Everything one call into the room caused, in order."""
 
     deliveries: list[Delivery] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+
+    def __add__(self, other: Step) -> Step:
+        return Step(self.deliveries + other.deliveries, self.events + other.events)
 
     def to(self, addr: Addr) -> list[bytes]:
         """The payloads ``addr`` gets, in order (for tests and tools)."""

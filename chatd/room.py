@@ -11,32 +11,41 @@ value too: :meth:`Room.snapshot` and :meth:`Room.restore`.
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from chatd import protocol
 from chatd.cookies import CookieJar
 from chatd.events import (
     Addr,
     AdminSaid,
+    ClaimWanted,
     CookieIssued,
     Delivery,
     Dropped,
     Event,
     LeaveReason,
     LoginRefused,
+    NameReleased,
+    Relay,
     RepliesCapped,
     Said,
     Step,
     UserJoined,
     UserLeft,
 )
+from chatd.formats import format_addr
 from chatd.hosts import host_key
 from chatd.names import confusable_keys, name_key, name_problem
 from chatd.settings import RoomSettings
 from chatd.textsafe import neutralise, truncate_utf8
+
+if TYPE_CHECKING:  # a single node never loads the replica of a cluster's other nodes
+    from chatd.replica import RemoteUser, Replica
 
 #: Version of :meth:`Room.snapshot`'s format; :meth:`Room.restore` refuses others.
 SNAPSHOT_VERSION: Final = 1
@@ -44,6 +53,18 @@ SNAPSHOT_VERSION: Final = 1
 #: Seconds between two ICMP reports that both count against one session. Anyone can
 #: forge ICMP errors, and a burst of them must not be worth more than one report.
 UNREACHABLE_SPACING = 10.0
+
+#: Cluster: seconds a login (or an adoption) waits for the cluster's answer before it is
+#: forgotten (the client asks again). The link answers at once while Redis is unreachable,
+#: so this only bounds what an answer lost on the way would hold.
+CLAIM_TIMEOUT = 15.0
+#: Cluster: datagrams kept, per address, while the session at that address is adopted.
+ADOPT_HELD = 16
+#: Cluster: logins and adoptions waiting for an answer at once, at most.
+MAX_PENDING = 10_000
+#: The template a remote user's leave is told with, by the reason its node gave.
+_LEAVE_TEMPLATES = {LeaveReason.TIMEOUT: "timed_out", LeaveReason.UNREACHABLE: "unreachable",
+                    LeaveReason.KICKED: "kick_notice"}
 
 
 @dataclass(slots=True)
@@ -59,6 +80,24 @@ class Session:
     verified: bool = False  # logged in with an address cookie: its address is its own
     host: str = ""  # what per-host limits count it against (chatd.hosts)
     unreachable_at: float | None = None  # monotonic time of the last report that counted
+
+
+@dataclass(slots=True)
+class PendingLogin:
+    """Cluster: a login that passed every local check and waits for its name's claim;
+    or, with ``take_from``, a session of another node being adopted (``held``: its
+    datagrams, handled once the session is ours)."""
+
+    token: int
+    name: str
+    key: str
+    addr: Addr
+    looks: tuple[str, ...]
+    verified: bool
+    host: str
+    started: float
+    take_from: str | None = None
+    held: list[bytes] = field(default_factory=list)
 
 
 class RoomHooks(Protocol):
@@ -123,6 +162,12 @@ class Room:
         self._by_silence: OrderedDict[Addr, Session] = OrderedDict()
         self._out: list[Delivery] = []
         self._events: list[Event] = []
+        #: cluster only (enable_cluster): the other nodes' users, and logins awaiting a claim
+        self.replica: Replica | None = None
+        self._pending: dict[int, PendingLogin] = {}
+        self._pending_addrs: dict[Addr, PendingLogin] = {}
+        self._pending_keys: dict[str, PendingLogin] = {}
+        self._tokens = itertools.count(1)
 
     # -- entry points ------------------------------------------------------
 
@@ -141,6 +186,9 @@ class Room:
             return self._take()
         if isinstance(command, protocol.Hello):
             self._hello(addr, len(data), now)
+            return self._take()
+        if session is None and self.replica is not None and self._adopting(addr, command,
+                                                                            data, now):
             return self._take()
         if isinstance(command, protocol.Login):
             self._login(addr, session, command, len(data), now)
@@ -170,6 +218,11 @@ class Room:
         ]
         for session in stale:
             self._leave(session, LeaveReason.TIMEOUT, "timed_out")
+        if self._pending:
+            for pending in [p for p in self._pending.values()
+                            if now - p.started > CLAIM_TIMEOUT]:
+                self._unpend(pending)
+                self._drop("claim_timeout", pending.addr, name=pending.name)
         return self._take()
 
     def unreachable(self, addr: Addr, now: float) -> Step:
@@ -209,6 +262,8 @@ class Room:
         self._check_fits(payload)
         self._out.append(Delivery(payload, list(self._by_addr)))
         self._events.append(AdminSaid(len(self._by_addr)))
+        if self.replica is not None:
+            self._events.append(Relay("admin", {"text": text}))
         return self._take()
 
     def shutdown(self) -> Step:
@@ -220,6 +275,8 @@ class Room:
         for session in list(self._by_addr.values()):
             self._forget(session)
             self._events.append(UserLeft(session.name, session.addr, LeaveReason.SHUTDOWN))
+            if self.replica is not None:
+                self._relay_leave(session.name, LeaveReason.SHUTDOWN)
         return self._take()
 
     def flush(self) -> Step:
@@ -295,7 +352,13 @@ class Room:
         """Queue ``text`` for one user; False when there is no such user."""
         session = self.session(name)
         if session is None:
-            return False
+            remote = self.replica.get(name) if self.replica is not None else None
+            if remote is None:
+                return False
+            self._check_fits(text.encode())
+            self._events.append(Relay("msg", {"to": remote.name, "at": remote.node,
+                                              "text": text}))
+            return True
         payload = text.encode()
         self._check_fits(payload)
         self._out.append(Delivery(payload, (session.addr,)))
@@ -308,6 +371,9 @@ class Room:
         skip = {name_key(n) for n in exclude}
         self._out.append(Delivery(payload, [s.addr for s in self._by_addr.values()
                                             if s.key not in skip]))
+        if self.replica is not None:
+            self._events.append(Relay("broadcast", {"text": text,
+                                                    "exclude": json.dumps(sorted(exclude))}))
 
     def kick(self, name: str, reason: str) -> bool:
         """Remove a user, queueing what that says to whom; False when there is no such user.
@@ -316,7 +382,12 @@ class Room:
         handled; from anywhere else, with the next :meth:`flush`."""
         session = self._by_key.get(name_key(name))
         if session is None:
-            return False
+            remote = self.replica.get(name) if self.replica is not None else None
+            if remote is None:
+                return False
+            self._events.append(Relay("kick", {"name": remote.name, "at": remote.node,
+                                               "reason": reason}))
+            return True
         self._send_text(session.addr, "kicked", reason=reason)
         self._out.append(Delivery(protocol.EXIT, (session.addr,)))
         self._leave(session, LeaveReason.KICKED, "kick_notice", always=True, reason=reason)
@@ -327,6 +398,231 @@ class Room:
 
     def __len__(self) -> int:
         return len(self._by_addr)
+
+    def population(self) -> int:
+        """Everyone in the room: this node's users and, in a cluster, the others'."""
+        return len(self._by_addr) + (len(self.replica) if self.replica is not None else 0)
+
+    # -- the cluster (only after enable_cluster; chatd.cluster.bridge drives it) -----------
+
+    def enable_cluster(self) -> None:
+        """This room is one node's part of a cluster's room: logins wait for a claim
+        (:class:`ClaimWanted`), what the others must hear is emitted as :class:`Relay`
+        events, and the other nodes' users are kept in :attr:`replica`."""
+        if self.replica is None:
+            from chatd.replica import Replica
+
+            self.replica = Replica()
+
+    def remote_users(self) -> list[RemoteUser]:
+        return list(self.replica) if self.replica is not None else []
+
+    def claim_answered(self, token: int, granted: bool, now: float) -> Step:
+        """The cluster's answer to a :class:`ClaimWanted`: the login goes on or is refused;
+        an adoption makes the session ours and handles what it held."""
+        pending = self._pending.get(token)
+        if pending is None:  # forgotten meanwhile (timed out): nobody wants the name now
+            return self._take()
+        self._unpend(pending)
+        if pending.take_from is not None:
+            return self._adopted(pending, granted, now)
+        if not granted:
+            self._refuse(pending.addr, pending.name, "name_taken", "name_taken",
+                         name=pending.name)
+            return self._take()
+        if pending.addr in self._by_addr or pending.key in self._by_key:
+            # the address or the name got a session meanwhile (an adoption): not twice
+            self._events.append(NameReleased(pending.name))
+            self._refuse(pending.addr, pending.name, "name_taken", "name_taken",
+                         name=pending.name)
+            return self._take()
+        if len(self._by_addr) >= self.settings.max_users:
+            evict = self._longest_idle(now)
+            if evict is None:
+                self._events.append(NameReleased(pending.name))
+                self._refuse(pending.addr, pending.name, "room_full", "room_full",
+                             max_users=self.settings.max_users)
+                return self._take()
+            self._evict(evict)
+        self._admit(Session(name=pending.name, key=pending.key, addr=pending.addr,
+                            looks=pending.looks, joined_at=now, last_seen=now,
+                            verified=pending.verified, host=pending.host))
+        return self._capped(pending.addr)
+
+    def remote_join(self, name: str, node: str, addr: str, since: str,
+                    quiet: bool = False) -> Step:
+        """``node`` says ``name`` joined; the local users are told, unless ``quiet``
+        (a node telling again who it serves) or the name is one of ours here (a
+        conflict the cluster resolves: see :meth:`name_lost`)."""
+        replica = self._replica()
+        known = replica.get(name)
+        replica.add(name, node, addr, since)
+        if not quiet and known is None and self.session(name) is None and self._by_addr \
+                and self._announcing():
+            self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
+        return self._take()
+
+    def remote_leave(self, name: str, node: str, reason: str, detail: str = "") -> Step:
+        """``node``'s user ``name`` left; ignored unless ``node`` is the one serving it."""
+        replica = self._replica()
+        known = replica.get(name)
+        if known is None or known.node != node:
+            return self._take()
+        replica.remove(name)
+        if self.session(name) is None:
+            self._announce_leave(known.name, reason, detail)
+        return self._take()
+
+    def remote_say(self, name: str, text: str) -> Step:
+        """A chat line spoken on another node, told with this node's template."""
+        if self._by_addr:
+            payload = self._fit(self._render("chat", name=name, text=neutralise(text)))
+            self._out.append(Delivery(payload, list(self._by_addr)))
+        return self._take()
+
+    def remote_admin(self, text: str) -> Step:
+        if self._by_addr:
+            payload = self._fit(self._render("admin", name=self.settings.admin_name,
+                                             text=text))
+            self._out.append(Delivery(payload, list(self._by_addr)))
+        return self._take()
+
+    def remote_text(self, text: str, exclude: Iterable[str] = ()) -> Step:
+        """A plugin's broadcast on another node (``/me``): the same text here."""
+        skip = {name_key(n) for n in exclude}
+        addrs = [s.addr for s in self._by_addr.values() if s.key not in skip]
+        if addrs:
+            self._out.append(Delivery(self._fit(text.encode()), addrs))
+        return self._take()
+
+    def remote_send(self, to: str, text: str) -> Step:
+        """A plugin on another node sent ``text`` to our user ``to`` (``/msg``)."""
+        session = self.session(to)
+        if session is not None:
+            self._out.append(Delivery(self._fit(text.encode()), (session.addr,)))
+        return self._take()
+
+    def adopted_elsewhere(self, name: str, node: str, addr: str) -> Step:
+        """``node`` adopted the session of ``name`` (the kernel sends its datagrams there
+        now): ours, if we had it, goes silently; the replica follows."""
+        session = self.session(name)
+        if session is not None:
+            self._forget(session)
+        replica = self._replica()
+        known = replica.get(name)
+        replica.add(name, node, addr, known.since if known is not None else "")
+        return self._take()
+
+    def node_gone(self, node: str, names: Iterable[str]) -> Step:
+        """``node`` stopped answering and its names were freed: each of its users leaves."""
+        replica = self._replica()
+        for name in names:
+            known = replica.get(name)
+            if known is not None and known.node == node:
+                replica.remove(name)
+                if self.session(name) is None:
+                    self._announce_leave(known.name, LeaveReason.TIMEOUT.value)
+        for known in replica.of_node(node):  # joined after the reaping read the names
+            replica.remove(known.name)
+            self._announce_leave(known.name, LeaveReason.TIMEOUT.value)
+        return self._take()
+
+    def replace_remote(self, holders: Mapping[str, Mapping[str, str]], own_node: str) -> None:
+        """Every name the cluster holds (read at once): the replica becomes exactly the
+        other nodes' ones, silently (a fresh view, not news)."""
+        replica = self._replica()
+        replica.clear()
+        for name, info in holders.items():
+            node = str(info.get("node", ""))
+            if node != own_node or self.session(name) is None:
+                replica.add(name, node, str(info.get("addr", "")), str(info.get("since", "")))
+
+    def forget_remote(self, name: str, node: str) -> Step:
+        """A name ``node`` held with no session behind it (a previous incarnation's), gone:
+        told like a leave."""
+        return self.remote_leave(name, node, LeaveReason.TIMEOUT.value)
+
+    def name_lost(self, name: str) -> Step:
+        """A name this node granted while cut off from Redis was another node's first: our
+        session under it is told so and ends (``EXIT``: log in again, with another name)."""
+        session = self.session(name)
+        if session is not None:
+            self._send_text(session.addr, "name_lost", name=session.name)
+            self._out.append(Delivery(protocol.EXIT, (session.addr,)))
+            self._leave(session, LeaveReason.NAME_LOST, "left")
+        return self._take()
+
+    def _replica(self) -> Replica:
+        if self.replica is None:
+            raise RuntimeError("not a clustered room (enable_cluster)")
+        return self.replica
+
+    def _announce_leave(self, name: str, reason: str, detail: str = "") -> None:
+        if not self._by_addr or not (reason == LeaveReason.KICKED or self._announcing()):
+            return
+        template = _LEAVE_TEMPLATES.get(LeaveReason(reason) if reason in
+                                        LeaveReason._value2member_map_ else None, "left")
+        self._out.append(Delivery(self._notice(template, name=name, reason=detail),
+                                  list(self._by_addr)))
+
+    def _relay_leave(self, name: str, why: LeaveReason, detail: str = "") -> None:
+        self._events.append(Relay("leave", {"name": name, "reason": why.value,
+                                            "detail": detail}))
+
+    def _pend(self, pending: PendingLogin) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self._drop("claims_full", pending.addr, name=pending.name)
+            return
+        self._pending[pending.token] = pending
+        self._pending_addrs[pending.addr] = pending
+        self._pending_keys[pending.key] = pending
+        self._events.append(ClaimWanted(pending.token, pending.name, pending.addr,
+                                        pending.take_from))
+
+    def _unpend(self, pending: PendingLogin) -> None:
+        del self._pending[pending.token]
+        if self._pending_addrs.get(pending.addr) is pending:
+            del self._pending_addrs[pending.addr]
+        if self._pending_keys.get(pending.key) is pending:
+            del self._pending_keys[pending.key]
+
+    def _adopting(self, addr: Addr, command: protocol.Command, data: bytes,
+                  now: float) -> bool:
+        """A datagram from an address with no session here: held if that address's session
+        is being adopted, or the start of an adoption if another node serves it (the
+        kernel's choice among nodes sharing a port changed). False: handle it as usual."""
+        pending = self._pending_addrs.get(addr)
+        if pending is not None and pending.take_from is not None:
+            if len(pending.held) < ADOPT_HELD:
+                pending.held.append(data)
+            else:
+                self._drop("adoption_backlog", addr)
+            return True
+        replica = self.replica
+        remote = replica.at(format_addr(addr)) if replica is not None else None
+        if remote is None or pending is not None or name_key(command.name) != remote.key:
+            return False
+        self._pend(PendingLogin(next(self._tokens), remote.name, remote.key, addr,
+                                remote.looks, False, host_key(addr, self.settings.ipv6_prefix),
+                                now, take_from=remote.node, held=[data]))
+        return True
+
+    def _adopted(self, pending: PendingLogin, granted: bool, now: float) -> Step:
+        if not granted or pending.addr in self._by_addr or pending.key in self._by_key:
+            for _ in pending.held:
+                self._drop("no_session", pending.addr)
+            return self._take()
+        if self.replica is not None:
+            self.replica.remove(pending.name)
+        self._add(Session(name=pending.name, key=pending.key, addr=pending.addr,
+                          looks=pending.looks, joined_at=now, last_seen=now,
+                          host=pending.host))
+        self._events.append(Relay("adopt", {"name": pending.name, "from": pending.take_from or "",
+                                            "addr": format_addr(pending.addr)}))
+        step = self._take()
+        for data in pending.held:
+            step = step + self.receive(pending.addr, data, now)
+        return step
 
     # -- the rules ---------------------------------------------------------
 
@@ -363,11 +659,20 @@ class Room:
         if problem is not None:
             self._refuse(addr, name, "name_invalid", "name_invalid", name=name, reason=problem)
             return
-        if key in self._by_key or key == name_key(self.settings.admin_name):
+        replica = self.replica
+        if replica is not None and addr in self._pending_addrs:
+            self._drop("login_pending", addr, name=name)  # the answer is on its way
+            return
+        if key in self._by_key or key == name_key(self.settings.admin_name) or (
+                replica is not None
+                and (key in self._pending_keys or replica.by_key(key) is not None)):
             self._refuse(addr, name, "name_taken", "name_taken", name=name)
             return
         looks = confusable_keys(name)
-        like = next((self._by_look[look] for look in looks if look in self._by_look), None)
+        like: Session | RemoteUser | None = next(
+            (self._by_look[look] for look in looks if look in self._by_look), None)
+        if like is None and replica is not None:
+            like = replica.like(looks)
         if like is not None or looks & _admin_looks(self.settings.admin_name):
             like_name = self.settings.admin_name if like is None else like.name
             self._refuse(addr, name, "name_confusable", "name_confusable", name=name,
@@ -390,15 +695,27 @@ class Room:
             self._out.append(Delivery(self._fit(refusal.encode()), (addr,)))
             self._events.append(LoginRefused(name, addr, "plugin"))
             return
+        if replica is not None:  # the cluster decides: the OK waits for the claim
+            self._pend(PendingLogin(next(self._tokens), name, key, addr, tuple(looks),
+                                    verified, host, now))
+            return
         if evict is not None:
             self._evict(evict)
-        self._out.append(Delivery(protocol.OK, (addr,)))
+        self._admit(Session(name=name, key=key, addr=addr, looks=tuple(looks), joined_at=now,
+                            last_seen=now, verified=verified, host=host))
+
+    def _admit(self, session: Session) -> None:
+        """The login succeeded: ``OK``, the notice to the others, and the session."""
+        self._out.append(Delivery(protocol.OK, (session.addr,)))
         if self._by_addr and self._announcing():
-            self._out.append(Delivery(self._notice("joined", name=name), list(self._by_addr)))
-        self._add(Session(name=name, key=key, addr=addr, looks=tuple(looks), joined_at=now,
-                          last_seen=now, verified=verified, host=host))
-        self._events.append(UserJoined(name, addr, verified))
-        self.hooks.joined(name)
+            self._out.append(Delivery(self._notice("joined", name=session.name),
+                                      list(self._by_addr)))
+        self._add(session)
+        self._events.append(UserJoined(session.name, session.addr, session.verified))
+        if self.replica is not None:
+            self._events.append(Relay("join", {"name": session.name,
+                                               "addr": format_addr(session.addr)}))
+        self.hooks.joined(session.name)
 
     def _add(self, session: Session) -> None:
         self._by_addr[session.addr] = session
@@ -481,6 +798,8 @@ class Room:
         sender = session.addr
         self._out.append(Delivery(payload, [a for a in self._by_addr if a != sender]))
         self._events.append(Said(session.name, rewritten))
+        if self.replica is not None:
+            self._events.append(Relay("say", {"name": session.name, "text": rewritten}))
         self.hooks.said(session.name, rewritten)
 
     def _leave(self, session: Session, why: LeaveReason, template: str, always: bool = False,
@@ -490,6 +809,8 @@ class Room:
             payload = self._notice(template, name=session.name, **fields)
             self._out.append(Delivery(payload, list(self._by_addr)))
         self._events.append(UserLeft(session.name, session.addr, why))
+        if self.replica is not None:
+            self._relay_leave(session.name, why, fields.get("reason", ""))
         self.hooks.left(session.name, why)
 
     def _announcing(self) -> bool:

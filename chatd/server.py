@@ -90,6 +90,8 @@ def bind_udp(listen: ListenSettings) -> socket.socket:
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
     try:
+        if listen.reuseport:  # several nodes of a cluster on this host share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # serve IPv4 too where the system allows dual-stack
             with contextlib.suppress(OSError):
@@ -161,6 +163,9 @@ class Server:
                                                    "unknown_child_exited": "warning"})
         #: the log file used when the file sets none (``chatd start`` has one), kept on reload
         self.log_file_default: str | None = None
+        #: cluster only: what publishes the room's Relay/ClaimWanted events (a
+        #: chatd.cluster.bridge.ClusterBridge, which sets itself here); None on a single node
+        self.bridge: Any = None
 
     # -- set-up ---------------------------------------------------------------
 
@@ -382,6 +387,8 @@ class Server:
             self._count(event)
             self._log(event)
         self.deliver(step.deliveries)
+        if self.bridge is not None:  # after the local deliveries: they never wait for Redis
+            self.bridge.relay(step.events)
 
     def _count(self, event: Event) -> None:
         match event:

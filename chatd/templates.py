@@ -33,6 +33,7 @@ FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "evicted": frozenset(),
     "verify_required": frozenset(),
     "cookie_invalid": frozenset(),
+    "name_lost": frozenset({"name"}),
 }
 
 LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
@@ -57,6 +58,8 @@ LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
         "evicted": "\nyou were removed from the room: silent too long while it was full",
         "verify_required": "\nverify your address first",
         "cookie_invalid": "\ncookie expired: log in again",
+        "name_lost": "\nthe name {name} was taken on another server while this one was "
+                     "cut off: log in again",
     },
     "zh_CN": {
         "joined": "\n欢迎 {name} 进入聊天室",
@@ -79,6 +82,7 @@ LOCALES: Final[Mapping[str, Mapping[str, str]]] = {
         "evicted": "\n聊天室已满, 你因长时间未发言被移出",
         "verify_required": "\n请先验证地址",
         "cookie_invalid": "\n验证已过期, 请重新登录",
+        "name_lost": "\n名字 {name} 在本服务器断线期间已被他人使用, 请重新登录",
     },
 }
 

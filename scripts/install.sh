@@ -49,7 +49,7 @@ unitdir=${UNITDIR:-$PREFIX/lib/systemd/system}
 docdir=$PREFIX/share/doc/chatd
 confdir=/etc/chatd
 commands=(chatd chatctl chat-client)
-units=(chatd.service chatd.socket chatd-forking.service)
+units=(chatd.service chatd.socket chatd-forking.service chatd@.service)
 marker=.installed-by-chatd  # uninstall removes $libdir only when it finds this
 
 say() { echo "install.sh: $*"; }

@@ -656,3 +656,25 @@ def test_systemctl_start_status_reload_stop(unit: str, tmp_path: Path) -> None:
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_cluster_node_template_unit(tmp_path: Path) -> None:
+    """chatd@.service: one cluster node per instance, its own config and runtime dir, and
+    otherwise chatd.service's settings (the sandbox is not weaker for a cluster node)."""
+    node, plain = unit_settings("chatd@.service"), unit_settings("chatd.service")
+    assert node["ExecStart"] == ["@BINDIR@/chatd run -c /etc/chatd/%i.yaml"]
+    assert node["ExecStartPre"] == ["@BINDIR@/chatd check-config -c /etc/chatd/%i.yaml"]
+    assert node["RuntimeDirectory"] == ["chatd/%i"]
+    differing = {"Description", "ExecStart", "ExecStartPre", "RuntimeDirectory",
+                 "StateDirectory", "LogsDirectory", "After", "Wants"}
+    assert {k: v for k, v in node.items() if k not in differing} == {
+        k: v for k, v in plain.items() if k not in differing}
+    if SYSTEMD_ANALYZE is None:
+        return
+    text = (UNIT_DIR / "chatd@.service").read_text().replace("@BINDIR@", str(VENV_BIN))
+    (tmp_path / "chatd@.service").write_text(text)
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no",
+                             str(tmp_path / "chatd@.service") + ":chatd@n1.service"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr

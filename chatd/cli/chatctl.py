@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     # default=[]: without it argparse counts a "*" positional as required in its errors
     kick.add_argument("reason", nargs="*", default=[], metavar="REASON",
                       help="why, told to them and to the room (default: kicked by the admin)")
-    for verb, text in (("who", "list the users: address, login time, idle time"),
-                       ("status", "pid, uptime, address, users, counters"),
+    for verb, text in (("who", "list the users: address, login time, idle time (in a "
+                                "cluster: every node's, with the node serving each)"),
+                       ("status", "pid, uptime, address, users, counters (and the "
+                                   "cluster: nodes, Redis, lag)"),
                        ("plugins", "loaded plugins, their state and failure counts")):
         sub.add_parser(verb, help=text).add_argument(
             "--json", action="store_true", help="machine-readable output")
@@ -100,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 def _who(users: list[dict[str, Any]]) -> str:
     if not users:
         return "no users"
-    rows = [("NAME", "ADDRESS", "LOGIN (UTC)", "IDLE", "VERIFIED")] + [
-        (u["name"], u["addr"], u["login_time"], f"{u['idle']:.0f}s",
-         "yes" if u.get("verified") else "no") for u in users]
+    clustered = any("node" in u for u in users)
+    rows = [("NAME", "ADDRESS", "LOGIN (UTC)", "IDLE", "VERIFIED")
+            + (("NODE",) if clustered else ())] + [
+        (u["name"], u["addr"], u["login_time"] or "-",
+         "-" if u["idle"] is None else f"{u['idle']:.0f}s",
+         "-" if u.get("verified") is None else "yes" if u["verified"] else "no")
+        + ((str(u.get("node", "")),) if clustered else ()) for u in users]
     return _table(rows)
 
 
@@ -121,6 +127,8 @@ def _status(status: dict[str, Any]) -> str:
         shown = ", ".join(f"{k} {v}" for k, v in sorted(values.items())) or "none"
         lines.append(f"{title + ':':<13} {shown}")
     lines.append(f"log errors:   {status.get('log_write_errors', 0)} lines not written")
+    if status.get("cluster"):
+        lines.extend(_cluster(status["cluster"]))
     return "\n".join(lines)
 
 
@@ -133,6 +141,24 @@ def _metrics(status: dict[str, Any]) -> str:
     from chatd.metrics import render  # prometheus_client: only for this verb
 
     return render(status).decode()
+
+
+def _cluster(c: dict[str, Any]) -> list[str]:
+    """The ``cluster`` section of ``status``: this node, Redis, the nodes, the lag."""
+    nodes = c.get("nodes") or {}
+    down = sorted(n for n, state in nodes.items() if not state.get("alive"))
+    lag = c.get("lag_seconds")
+    return [
+        f"cluster:      node {c.get('node')} of room {c.get('room')}, "
+        f"{c.get('nodes_alive', 0)} nodes alive" + (f" ({', '.join(down)} down)" if down else ""),
+        f"  redis:      {'connected' if c.get('redis_connected') else 'NOT CONNECTED'}, "
+        f"{c.get('reconnects', 0)} reconnects, lag "
+        + ("unknown" if lag is None else f"{lag * 1000:.0f} ms"),
+        f"  users:      {c.get('users_total', 0)} in the room, {c.get('users_local', 0)} here",
+        f"  records:    {c.get('published', 0)} published, {c.get('received', 0)} received, "
+        f"{c.get('outbox', 0)} queued, {c.get('dropped_outbox', 0)} dropped, "
+        f"{c.get('gaps', 0)} gaps",
+    ]
 
 
 def _plugins(plugins: list[dict[str, Any]]) -> str:

@@ -32,6 +32,8 @@ class User:
     #: logged in with an address cookie; an unverified address may be forged, so it gets
     #: one datagram of reply per datagram it sends (see :meth:`RoomAPI.reply_budget`)
     verified: bool = False
+    #: in a cluster, the node serving a user of another node (None: this node's user)
+    node: str | None = None
 
 
 class RoomAPI:
@@ -57,16 +59,25 @@ class RoomAPI:
     # -- who is there ----------------------------------------------------------
 
     def users(self) -> list[str]:
-        """The names in the room, in the order they joined."""
-        return [s.name for s in self._room.sessions()]
+        """The names in the room, in the order they joined (in a cluster: this node's users,
+        then the other nodes' ones)."""
+        return [s.name for s in self._room.sessions()] + [
+            r.name for r in self._room.remote_users()]
 
     def user(self, name: str) -> User | None:
-        """The person called ``name`` (compared as the room compares names), or None."""
+        """The person called ``name`` (compared as the room compares names), or None.
+
+        In a cluster, a user of another node too (``node`` says which): :meth:`send`
+        and :meth:`kick` reach them there."""
         session = self._room.session(name)
-        return None if session is None else User(session.name, session.addr, session.verified)
+        if session is not None:
+            return User(session.name, session.addr, session.verified)
+        remote = self._room.replica.get(name) if self._room.replica is not None else None
+        return None if remote is None else User(remote.name, remote.addr, True, remote.node)
 
     def __len__(self) -> int:
-        return len(self._room)
+        """Everyone in the room (in a cluster: on every node)."""
+        return self._room.population()
 
     def host(self, addr: Addr) -> str:
         """The host ``addr`` counts as for limits per address: an IPv4 address, or an IPv6
