@@ -321,6 +321,7 @@ def test_claim_again_release_and_take_from(make_link, redis_server):
     c.claim("bob", info(), 6, take_from="a")  # free, but adoption needs the holder
     assert c.answer(6) == ClaimAnswer(6, "bob", granted=False, holder=None)
     c.release("ann")
+    wait_for(lambda: holders(redis_server) == {}, what="ann released")
     b.claim("ann", info(), 7)
     assert b.answer(7).granted
     assert holders(redis_server) == {"ann": "b"}
