@@ -259,6 +259,30 @@ def test_password_file_problems_are_clear_errors(tmp_path):
         ClusterLink(ClusterSettings(redis="http://127.0.0.1:1/0"))
 
 
+def test_a_password_file_is_used_and_a_wrong_password_said_once(redis_server, tmp_path):
+    assert redis_server.command("CONFIG", "SET", "requirepass", "s3cret") == "+OK"
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("s3cret\n")
+    bad.write_text("wrong\n")
+    links = [ClusterLink(ClusterSettings(redis=redis_server.url, node=node, password_file=str(f)))
+             for node, f in (("a", good), ("b", bad))]
+    a, b = (Inbox(link) for link in links)
+    try:
+        with capture_logs() as logs:
+            for link in links:
+                link.start()
+            a.connected()
+            b.disconnected()
+            a.publish("say", n="1")
+            wait_for(lambda: a.status()["published"] == 1, what="a: published")
+        assert not b.status()["redis_connected"]
+        assert "Auth" in b.of(LinkState)[0].reason or "auth" in b.of(LinkState)[0].reason
+        assert [e["node"] for e in logs if e["event"] == "cluster_disconnected"] == ["b"]
+    finally:
+        for link in links:
+            link.stop()
+
+
 def test_the_outbox_is_bounded_and_sent_on_connect(make_link, monkeypatch):
     monkeypatch.setattr(link_module, "OUTBOX_MAX", 5)
     a = make_link("a", start=False)
@@ -321,6 +345,7 @@ def test_claim_again_release_and_take_from(make_link, redis_server):
     c.claim("bob", info(), 6, take_from="a")  # free, but adoption needs the holder
     assert c.answer(6) == ClaimAnswer(6, "bob", granted=False, holder=None)
     c.release("ann")
+    wait_for(lambda: holders(redis_server) == {}, what="ann released")
     b.claim("ann", info(), 7)
     assert b.answer(7).granted
     assert holders(redis_server) == {"ann": "b"}
