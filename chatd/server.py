@@ -161,6 +161,10 @@ class Server:
                                                    "unknown_child_exited": "warning"})
         #: the log file used when the file sets none (``chatd start`` has one), kept on reload
         self.log_file_default: str | None = None
+        #: (wall time, pid): when this process took the room over and from which process
+        self.taken_over: tuple[float, int] | None = None
+        #: the room went to a new process (chatd.handover): stop without a goodbye
+        self.handed_over = False
 
     # -- set-up ---------------------------------------------------------------
 
@@ -201,7 +205,7 @@ class Server:
         ``ready`` is called once the room serves (the readiness pipe of ``chatd start``).
         """
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
-        self.plugins.startup()
+        self.start_plugins()
         self.apply(self.room.flush())
         host, port = self.sock.getsockname()[:2]
         log.info("server_started", host=host, port=port, pid=os.getpid(),
@@ -227,6 +231,12 @@ class Server:
                     break
         self._shutdown()
         return 0
+
+    def start_plugins(self) -> None:
+        """Start the plugins, once: a process taking the room over does it before it has
+        the socket (:mod:`chatd.handover`), :meth:`serve` otherwise."""
+        if not self.plugins.started:
+            self.plugins.startup()
 
     def stop(self, reason: str) -> None:
         self._stop_reason = reason
@@ -544,6 +554,8 @@ class Server:
             "backlog": self._backlog_size,
             "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
             "log_write_errors": _log_write_errors(),
+            **({"taken_over": iso_time(self.taken_over[0]),
+                "taken_over_from": self.taken_over[1]} if self.taken_over else {}),
             **{key: value for service in self.services for key, value in service.status().items()},
         }
 
@@ -551,12 +563,29 @@ class Server:
         return f"serving {self.address}, {len(self.room)} users"
 
     def _shutdown(self) -> None:
+        if self.handed_over:
+            self._shutdown_handed_over()
+            return
         log.info("server_stopping", reason=self._stop_reason, users=len(self.room))
         self.notifier.stopping()
         self.plugins.shutdown()
         self.apply(self.room.flush())
         self.apply(self.room.shutdown())
         self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
+        for service in reversed(self.services):
+            self._guarded(service, "stop", service.stop)
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+
+
+    def _shutdown_handed_over(self) -> None:
+        """The room lives on in another process: no goodbye, nothing more on the socket.
+        Plugins close what they opened; whatever they send on the way is dropped."""
+        log.info("server_stopping", reason=self._stop_reason, users=len(self.room),
+                 handed_over=True)
+        self.unwatch(self.sock)
+        self.plugins.shutdown()
+        self.room.flush()
         for service in reversed(self.services):
             self._guarded(service, "stop", service.stop)
         signal.set_wakeup_fd(-1)

@@ -93,6 +93,8 @@ class PluginManager(NoHooks):
             for name, spec in self.catalog.specs.items()
         }
         self._started = False
+        #: what plugins handed over from the previous process, until each is enabled
+        self._handed_over: dict[str, Any] = {}
         #: the hooks some enabled plugin implements: calling one nobody does costs
         #: pluggy's call path (about a microsecond) for nothing, at every chat line
         self._implemented: frozenset[str] = frozenset()
@@ -111,9 +113,45 @@ class PluginManager(NoHooks):
 
     # -- life cycle --------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     def startup(self) -> None:
         self._started = True
         self._apply(self._wanted)
+        self._drop_unclaimed()
+
+    def handover_state(self) -> dict[str, Any]:
+        """What each enabled plugin hands to the next process (``chatd_handover_state``)."""
+        states = {}
+        for name, state in self._states.items():
+            if state.enabled:
+                value = self._call_own(state, "chatd_handover_state")
+                if value is not None:
+                    states[name] = value
+        return states
+
+    def handover_restore(self, states: Mapping[str, Any]) -> None:
+        """Give each plugin what it handed over (``chatd_handover_restore``): now if it runs,
+        else when :meth:`startup` enables it; a plugin not enabled here never gets it."""
+        self._handed_over = dict(states)
+        if self._started:
+            for state in self._states.values():
+                if state.enabled:
+                    self._give_back(state)
+            self._drop_unclaimed()
+
+    def _drop_unclaimed(self) -> None:
+        for name in self._handed_over:
+            log.info("plugin_state_ignored", plugin=name, reason="plugin not enabled")
+        self._handed_over = {}
+
+    def _give_back(self, state: PluginState) -> None:
+        name = state.spec.name
+        if name in self._handed_over:
+            self._call_own(state, "chatd_handover_restore",
+                           saved=self._handed_over.pop(name))
 
     def shutdown(self) -> None:
         for state in self._states.values():
@@ -169,6 +207,8 @@ class PluginManager(NoHooks):
         log.info("plugin_enabled", plugin=name, options=options, source=state.spec.source)
         self._call_own(state, "chatd_startup", room=state.api)
         self._ask_commands(state)
+        if self._handed_over and state.enabled:
+            self._give_back(state)
 
     def _register(self, name: str, instance: Any) -> None:
         """Register with pluggy, which checks each hook's name and arguments."""
