@@ -154,6 +154,8 @@ class Server:
         self._next_tick = 0.0
         self._next_watchdog = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
+        #: signals beyond the built-in ones, and what the loop calls for each
+        self._signal_callbacks: dict[int, Callable[[], None]] = {}
         #: what runs beside the room, in the order started (see :meth:`add_service`)
         self.services: list[Service] = []
         # what the loop itself can fail at, each kind logged at a bounded rate
@@ -186,6 +188,23 @@ class Server:
     def unwatch(self, fileobj: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fileobj)
+
+    def handle_signal(self, signum: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the loop (never inside the handler) when ``signum`` arrives."""
+        self._signal_callbacks[signum] = callback
+        signal.signal(signum, self._note_signal)
+
+    def pause_reading(self) -> None:
+        """Stop reading the UDP socket: what arrives waits in its buffer (a handover)."""
+        self.unwatch(self.sock)
+
+    def resume_reading(self) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._backlog else 0)
+        self.watch(self.sock, events, self._on_socket)
+
+    def drain_backlog(self, timeout: float) -> None:
+        """Send what a full send buffer kept back, for at most ``timeout`` seconds."""
+        self._drain_backlog(timeout)
 
     def add_service(self, service: Service) -> None:
         """Start ``service`` now (an error goes to the caller: start-up fails) and run it
@@ -445,6 +464,9 @@ class Server:
             self._reap_children()
         if signal.SIGHUP in received and self._stop_reason is None:
             self.reload()
+        for signum, callback in self._signal_callbacks.items():
+            if signum in received and self._stop_reason is None:
+                callback()
 
     def _reap_children(self) -> None:
         """Collect every child that exited, and tell the service that forked it.

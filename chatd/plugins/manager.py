@@ -45,7 +45,7 @@ class PluginState:
 
     __slots__ = ("spec", "api", "instance", "enabled", "reason", "options", "calls",
                  "seconds", "failures", "failures_in_row", "slow_calls", "commands",
-                 "log_rate")
+                 "log_rate", "startup_error")
 
     def __init__(self, spec: PluginSpec, api: RoomAPI):
         self.spec = spec
@@ -62,6 +62,8 @@ class PluginState:
         self.commands: dict[str, str] = {}
         #: failures and slowness are logged at a bounded rate: they can happen per line
         self.log_rate = TokenBucket(1.0, 10.0, time.monotonic())
+        #: why it could not start (its factory or ``chatd_startup`` raised), last time
+        self.startup_error: str | None = None
 
 
 class PluginManager(NoHooks):
@@ -121,6 +123,13 @@ class PluginManager(NoHooks):
         self._started = True
         self._apply(self._wanted)
         self._drop_unclaimed()
+
+    def startup_problems(self) -> list[tuple[str, str]]:
+        """(plugin, error) for each plugin the settings want that failed to start: a new
+        process taking the room over (chatd restart) refuses to, rather than run without it."""
+        return [(name, state.startup_error) for name, state in self._states.items()
+                if state.startup_error is not None
+                and self._wanted.get(name, (None, ""))[0] is not None]
 
     def handover_state(self) -> dict[str, Any]:
         """What each enabled plugin hands to the next process (``chatd_handover_state``)."""
@@ -191,6 +200,7 @@ class PluginManager(NoHooks):
         state.options = options
         state.api._set_options(options)
         state.failures_in_row = 0
+        state.startup_error = None
         try:
             if state.spec.factory is None:
                 raise RuntimeError(state.spec.error)
@@ -199,6 +209,7 @@ class PluginManager(NoHooks):
         except Exception as exc:
             state.failures += 1
             state.enabled, state.reason = False, "error"
+            state.startup_error = repr(exc)
             log.error("plugin_failed", plugin=name, hook="__init__", error=repr(exc),
                       traceback=traceback.format_exc())
             return
@@ -356,6 +367,8 @@ class PluginManager(NoHooks):
         return answer
 
     def _failed(self, state: PluginState, hook: str, exc: BaseException) -> None:
+        if hook == "chatd_startup":
+            state.startup_error = repr(exc)
         state.failures += 1
         state.failures_in_row += 1
         if state.log_rate.take(time.monotonic()):
