@@ -156,6 +156,8 @@ class Server:
         self._next_tick = 0.0
         self._next_watchdog = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
+        #: signals beyond the built-in ones, and what the loop calls for each
+        self._signal_callbacks: dict[int, Callable[[], None]] = {}
         #: what runs beside the room, in the order started (see :meth:`add_service`)
         self.services: list[Service] = []
         # what the loop itself can fail at, each kind logged at a bounded rate
@@ -166,6 +168,10 @@ class Server:
         #: cluster only: what publishes the room's Relay/ClaimWanted events (a
         #: chatd.cluster.bridge.ClusterBridge, which sets itself here); None on a single node
         self.bridge: Any = None
+        #: (wall time, pid): when this process took the room over and from which process
+        self.taken_over: tuple[float, int] | None = None
+        #: the room went to a new process (chatd.handover): stop without a goodbye
+        self.handed_over = False
 
     # -- set-up ---------------------------------------------------------------
 
@@ -188,6 +194,23 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fileobj)
 
+    def handle_signal(self, signum: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the loop (never inside the handler) when ``signum`` arrives."""
+        self._signal_callbacks[signum] = callback
+        signal.signal(signum, self._note_signal)
+
+    def pause_reading(self) -> None:
+        """Stop reading the UDP socket: what arrives waits in its buffer (a handover)."""
+        self.unwatch(self.sock)
+
+    def resume_reading(self) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._backlog else 0)
+        self.watch(self.sock, events, self._on_socket)
+
+    def drain_backlog(self, timeout: float) -> None:
+        """Send what a full send buffer kept back, for at most ``timeout`` seconds."""
+        self._drain_backlog(timeout)
+
     def add_service(self, service: Service) -> None:
         """Start ``service`` now (an error goes to the caller: start-up fails) and run it
         with the loop from then on: ticked, told of its children's exits, stopped last."""
@@ -206,7 +229,7 @@ class Server:
         ``ready`` is called once the room serves (the readiness pipe of ``chatd start``).
         """
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
-        self.plugins.startup()
+        self.start_plugins()
         self.apply(self.room.flush())
         host, port = self.sock.getsockname()[:2]
         log.info("server_started", host=host, port=port, pid=os.getpid(),
@@ -232,6 +255,12 @@ class Server:
                     break
         self._shutdown()
         return 0
+
+    def start_plugins(self) -> None:
+        """Start the plugins, once: a process taking the room over does it before it has
+        the socket (:mod:`chatd.handover`), :meth:`serve` otherwise."""
+        if not self.plugins.started:
+            self.plugins.startup()
 
     def stop(self, reason: str) -> None:
         self._stop_reason = reason
@@ -442,6 +471,9 @@ class Server:
             self._reap_children()
         if signal.SIGHUP in received and self._stop_reason is None:
             self.reload()
+        for signum, callback in self._signal_callbacks.items():
+            if signum in received and self._stop_reason is None:
+                callback()
 
     def _reap_children(self) -> None:
         """Collect every child that exited, and tell the service that forked it.
@@ -551,6 +583,8 @@ class Server:
             "backlog": self._backlog_size,
             "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
             "log_write_errors": _log_write_errors(),
+            **({"taken_over": iso_time(self.taken_over[0]),
+                "taken_over_from": self.taken_over[1]} if self.taken_over else {}),
             **{key: value for service in self.services for key, value in service.status().items()},
         }
 
@@ -558,12 +592,29 @@ class Server:
         return f"serving {self.address}, {len(self.room)} users"
 
     def _shutdown(self) -> None:
+        if self.handed_over:
+            self._shutdown_handed_over()
+            return
         log.info("server_stopping", reason=self._stop_reason, users=len(self.room))
         self.notifier.stopping()
         self.plugins.shutdown()
         self.apply(self.room.flush())
         self.apply(self.room.shutdown())
         self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
+        for service in reversed(self.services):
+            self._guarded(service, "stop", service.stop)
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+
+
+    def _shutdown_handed_over(self) -> None:
+        """The room lives on in another process: no goodbye, nothing more on the socket.
+        Plugins close what they opened; whatever they send on the way is dropped."""
+        log.info("server_stopping", reason=self._stop_reason, users=len(self.room),
+                 handed_over=True)
+        self.unwatch(self.sock)
+        self.plugins.shutdown()
+        self.room.flush()
         for service in reversed(self.services):
             self._guarded(service, "stop", service.stop)
         signal.set_wakeup_fd(-1)
