@@ -256,9 +256,9 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
                     metrics_sock)
 
 
-def _bind_metrics(settings: Settings, udp: socket.socket) -> socket.socket | None:
-    """The ``metrics.listen`` socket, or None when it is off; the UDP socket is closed
-    when it cannot be bound (start-up ends with the error naming the key)."""
+def _bind_metrics(settings: Settings, udp: socket.socket | None) -> socket.socket | None:
+    """The ``metrics.listen`` socket, or None when it is off; the UDP socket (if any) is
+    closed when it cannot be bound (start-up ends with the error naming the key)."""
     if settings.metrics.listen is None:
         return None
     from chatd.metrics_http import MetricsBindError, bind  # prometheus_client only if on
@@ -266,7 +266,8 @@ def _bind_metrics(settings: Settings, udp: socket.socket) -> socket.socket | Non
     try:
         return bind(settings.metrics.listen)
     except MetricsBindError as exc:
-        udp.close()
+        if udp is not None:
+            udp.close()
         raise StartError(str(exc.strerror), "metrics.listen") from None
 
 
@@ -655,6 +656,12 @@ def _serve_takeover(prepared: Prepared, report: Callable[[str], None],
     server = Server(prepared.settings, None, notifier=systemd.Notifier(address=""),  # type: ignore[arg-type]
                     config_path=prepared.config_path)
     server.log_file_default = prepared.log_file_default
+    # made now, started once the room is ours: a bad cluster setting fails the restart
+    try:
+        bridge = (_cluster_bridge(server) if prepared.settings.cluster.enabled else None)
+    except StartError as exc:
+        report(f"ERROR {exc}")
+        return 1
     server.start_plugins()
     problems = server.plugins.startup_problems()
     if problems:
@@ -677,11 +684,19 @@ def _serve_takeover(prepared: Prepared, report: Callable[[str], None],
         tune_socket(sock, prepared.settings.listen)
         server.install_signals()
         server.add_service(PidfileKeeper(prepared.pidfile))
+        if bridge is not None:
+            bridge.resume = summary["cluster"]  # None from a single node: a fresh start
+            server.add_service(bridge)
 
         def old_gone() -> None:
-            """The old daemon and its admin child have gone: their files are free."""
+            """The old daemon and its admin child have gone: their files are free, and
+            so is the metrics port."""
             try:
-                server.add_service(AdminService(server))
+                prepared.metrics_sock = _bind_metrics(prepared.settings, None)
+            except StartError as exc:
+                log.error("metrics_unavailable", error=str(exc))
+            try:
+                server.add_service(AdminService(server, metrics_sock=prepared.metrics_sock))
             except AdminStartError as exc:
                 log.error("admin_child_failed", error=str(exc))
             server.add_service(SelfRestart(server))
@@ -695,4 +710,6 @@ def _serve_takeover(prepared: Prepared, report: Callable[[str], None],
         return server.serve()
     finally:
         sock.close()
+        if prepared.metrics_sock is not None:
+            prepared.metrics_sock.close()
         _let_go(prepared.pidfile, server)

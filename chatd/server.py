@@ -204,8 +204,11 @@ class Server:
         self.unwatch(self.sock)
 
     def resume_reading(self) -> None:
+        """A handover failed: read on (and the cluster's records too, where they stopped)."""
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._backlog else 0)
         self.watch(self.sock, events, self._on_socket)
+        if self.bridge is not None:
+            self.bridge.thaw()
 
     def drain_backlog(self, timeout: float) -> None:
         """Send what a full send buffer kept back, for at most ``timeout`` seconds."""

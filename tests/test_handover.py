@@ -397,3 +397,80 @@ def test_stop_after_a_handover_leaves_nothing_behind(daemons) -> None:
         assert not Path(daemon.runtime_dir / "handover.sock").exists()
     finally:
         alice.close()
+
+
+def test_a_cluster_node_restarted_by_handover_keeps_its_users_names_and_records(
+        daemons, redis_server, make_chatd) -> None:
+    """Node n1 (a classic daemon) restarts by handover while alice on it and bob on n2
+    both talk: each gets every line of the other once and in order, alice's name stays
+    n1's (refused on n2), and n2 never saw alice leave."""
+    cluster = {"redis": redis_server.url, "node_timeout": 10}
+    plugins = {"ratelimit": False}
+    daemon = daemons({"cluster": {**cluster, "node": "n1"}, "plugins": plugins})
+    old = daemon.start()
+    n2 = make_chatd({"cluster": {**cluster, "node": "n2"}, "plugins": plugins})
+    alice = UdpUser(daemon.addr).join("alice")
+    bob = UdpUser(n2.addr).join("bob")
+    wait_for(lambda: set(who(daemon)) == {"alice", "bob"}, timeout=20, interval=0.2,
+             what="n1 to see bob")
+    alice.drain(0.2)
+    at_alice, at_bob = Receiver(alice), Receiver(bob)
+    from_alice, from_bob = Sender(alice), Sender(bob)
+    for thread in (at_alice, at_bob, from_alice, from_bob):
+        thread.start()
+    try:
+        wait_for(lambda: len(at_bob.texts) >= 10 and len(at_alice.texts) >= 10,
+                 timeout=20, what="lines flowing both ways")
+        restarted = daemon.cli("restart")
+        assert restarted.returncode == 0, restarted
+        wait_for(lambda: len(at_bob.texts) >= 10 + from_alice.sent // 2, timeout=20,
+                 what="lines after the restart")
+    finally:
+        for sender in (from_alice, from_bob):
+            sender.done.set()
+            sender.join()
+    sent_alice, sent_bob = from_alice.sent, from_bob.sent
+    wait_for(lambda: sum(t.startswith("\nalice says: line") for t in at_bob.texts) >= sent_alice
+             and sum(t.startswith("\nbob says: line") for t in at_alice.texts) >= sent_bob,
+             timeout=30, what="every line on both sides")
+    for receiver in (at_alice, at_bob):
+        receiver.done.set()
+        receiver.join()
+    assert [t for t in at_bob.texts if t.startswith("\nalice says: ")] == [
+        f"\nalice says: line {i}" for i in range(sent_alice)]
+    assert [t for t in at_alice.texts if t.startswith("\nbob says: ")] == [
+        f"\nbob says: line {i}" for i in range(sent_bob)]
+    assert not [t for t in at_bob.texts + at_alice.texts if "left" in t or "joined" in t]
+    assert daemon.pid() not in (None, old)
+    assert UdpUser(n2.addr).login("alice") == b"\nthe name alice is already taken"
+    assert alice.ping() == b"PONG"
+
+
+def test_the_metrics_endpoint_serves_again_after_a_handover(daemons) -> None:
+    """The new process binds metrics.listen once the old one (which held it) has gone."""
+    import urllib.request
+
+    from redisproc import free_tcp_port
+
+    port = free_tcp_port()
+    daemon = daemons({"metrics": {"listen": f"127.0.0.1:{port}"}})
+    daemon.start()
+    UdpUser(daemon.addr).join("alice")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    assert "chatd_users 1.0" in scrape()
+    restarted = daemon.cli("restart")
+    assert restarted.returncode == 0, restarted
+
+    def scraped_after() -> str | None:
+        try:
+            return scrape()
+        except OSError:
+            return None
+
+    text = wait_for(scraped_after, timeout=20, what="the endpoint of the new process")
+    assert "chatd_users 1.0" in text
+    assert not [e for e in daemon.log_events() if e.get("event") == "metrics_unavailable"]

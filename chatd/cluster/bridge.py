@@ -21,7 +21,7 @@ import json
 import select
 import selectors
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
@@ -57,6 +57,9 @@ class ClusterBridge(Service):
     def __init__(self, server: Server, settings: ClusterSettings,
                  link: ClusterLink | None = None):
         self.server = server
+        #: what a handover restart brought (see :meth:`handover_state`): where the previous
+        #: process of this node stopped reading, and who the other nodes serve
+        self.resume: Mapping[str, Any] | None = None
         self.room = server.room
         self.apply = server.apply
         self.settings = settings
@@ -78,8 +81,13 @@ class ClusterBridge(Service):
     def start(self) -> None:
         self.room.enable_cluster()
         self.server.bridge = self
-        self.link.start()
-        self._await_presence(min(FIRST_PRESENCE_WAIT, self.settings.node_timeout))
+        if self.resume is not None:  # a handover: known already, and nothing to wait for
+            self.link.resume_from(self.resume["position"])
+            self.room.replace_remote(self.resume["replica"], self.node)
+            self.link.start()
+        else:
+            self.link.start()
+            self._await_presence(min(FIRST_PRESENCE_WAIT, self.settings.node_timeout))
         self.server.watch(self.link.fileno(), selectors.EVENT_READ, self._on_link)
         log.info("cluster_started", node=self.node, room=self.settings.room,
                  users_elsewhere=self.room.population())
@@ -102,10 +110,30 @@ class ClusterBridge(Service):
         log.warning("cluster_presence_late", waited=timeout)
 
     def stop(self) -> None:
-        """After the room said goodbye (its leaves are queued): flush them, free our names."""
+        """After the room said goodbye (its leaves are queued): flush them, free our names;
+        or, when the room went to a new process of this node, keep them for it."""
         self.server.unwatch(self.link.fileno())
         self.server.bridge = None
-        self.link.stop(keep_names=False)
+        self.link.stop(keep_names=self.server.handed_over)
+
+    def handover_state(self) -> dict[str, Any]:
+        """For a handover restart, with the room stopped: apply what was read so far, then
+        say where reading stopped and who the other nodes serve (JSON-safe). The new
+        process reads on from there (:attr:`resume`): no record missed or doubled."""
+        items, position = self.link.freeze()
+        for item in items:
+            try:
+                self._inbound(item)
+            except Exception:
+                self._logs("cluster_record_failed", item=repr(item)[:200])
+        replica = self.room.replica or ()
+        return {"position": position,
+                "replica": {user.name: {"node": user.node, "addr": user.addr,
+                                        "since": user.since} for user in replica}}
+
+    def thaw(self) -> None:
+        """The handover failed: this process serves on and reads on where it stopped."""
+        self.link.thaw()
 
     def tick(self, now: float) -> None:
         for name, deadline in list(self._orphans.items()):

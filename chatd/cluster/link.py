@@ -222,6 +222,7 @@ class ClusterLink:
         self._outbox_full_logged = False
         self._stopping = False
         self._abandoned = False
+        self._frozen = False  # a handover is under way: what is read now is the next process's
         self._keep_names = False
         self._stop_deadline = 0.0
         self._counters = _Counters()
@@ -319,6 +320,20 @@ class ClusterLink:
             seen = {node: [next(reversed(incs)), incs[next(reversed(incs))]]
                     for node, incs in self._seen.items() if incs}
             return {"last_id": self._last_id, "seen": seen}
+
+    def freeze(self) -> tuple[list[Inbound], dict]:
+        """For a handover restart: every value read so far, and the position right after
+        the last record among them. Reading stops there (a record read meanwhile is left
+        for whoever resumes from that position), so the next process, resuming there,
+        misses nothing and doubles nothing. :meth:`thaw` undoes it: the handover failed."""
+        with self._lock:
+            self._frozen = True
+        return self.drain(), self.position()
+
+    def thaw(self) -> None:
+        """Read on from where :meth:`freeze` stopped."""
+        with self._lock:
+            self._frozen = False
 
     def resume_from(self, position: Mapping) -> None:
         """Continue reading where another process's link stopped (before :meth:`start`)."""
@@ -642,7 +657,7 @@ class ClusterLink:
                     if self._stopping:
                         return
                     gen, last_id = self._gen, self._last_id
-                    busy = len(self._inbound) >= INBOUND_HIGH
+                    busy = len(self._inbound) >= INBOUND_HIGH or self._frozen
                 if busy:
                     self._stop_event.wait(0.05)
                     continue
@@ -666,7 +681,7 @@ class ClusterLink:
     def _take(self, gen: int, entries: list) -> None:
         now = time.time()
         with self._lock:
-            if self._gen != gen or self._abandoned:
+            if self._gen != gen or self._abandoned or self._frozen:
                 return  # a reconnect may have moved the position: read again from there
             for entry_id, fields in entries:
                 self._last_id = entry_id

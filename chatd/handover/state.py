@@ -45,6 +45,9 @@ def capture(server: Server) -> bytes:
     Call it with the room stopped (nothing read meanwhile), right before the
     socket goes to the new process: whatever arrives later waits in the socket.
     """
+    # the cluster first: applying the records read so far may still change the room
+    bridge = server.bridge
+    cluster = bridge.handover_state() if bridge is not None else None
     now = time.monotonic()
     doc: dict[str, Any] = {
         "format": STATE_FORMAT,
@@ -58,11 +61,8 @@ def capture(server: Server) -> bytes:
         "drops": dict(server.drops),
         "send_errors": dict(server.send_errors),
     }
-    cluster = getattr(server, "cluster", None)
     if cluster is not None:
-        # TODO(cluster): the node's position in the cluster (its id, what it published)
-        # goes here once the cluster bridge exists; restore() passes it back unchanged.
-        doc["cluster"] = getattr(cluster, "handover_state", lambda: None)()
+        doc["cluster"] = cluster
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -89,6 +89,7 @@ def restore(server: Server, blob: bytes) -> dict[str, Any]:
     room = doc.get("room")
     if not isinstance(room, Mapping):
         raise StateError("corrupt state: no room in it")
+    cluster = _parse_cluster(doc.get("cluster"))
     try:
         server.room.restore(room, time.monotonic())
     except SnapshotError as exc:
@@ -103,7 +104,7 @@ def restore(server: Server, blob: bytes) -> dict[str, Any]:
     server.taken_over = (time.time(), from_pid)
     server.plugins.handover_restore(plugins)
     return {"sessions": len(server.room), "bytes": len(blob), "from_pid": from_pid,
-            "taken_at": float(taken_at)}
+            "taken_at": float(taken_at), "cluster": cluster}
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -135,6 +136,20 @@ def _counts(doc: Mapping[str, Any], key: str) -> Counter[str]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_cluster(value: Any) -> dict[str, Any] | None:
+    """A cluster node's part (:meth:`chatd.cluster.bridge.ClusterBridge.handover_state`):
+    where reading stopped and who the other nodes serve; None for a single node."""
+    if value is None:
+        return None
+    position = value.get("position") if isinstance(value, dict) else None
+    replica = value.get("replica") if isinstance(value, dict) else None
+    if not (isinstance(position, dict) and isinstance(position.get("last_id"), str)
+            and isinstance(position.get("seen", {}), dict) and isinstance(replica, dict)
+            and all(isinstance(info, dict) for info in replica.values())):
+        raise StateError("corrupt state: bad 'cluster'")
+    return {"position": position, "replica": replica}
 
 
 def _cookie_secrets(server: Server) -> dict[str, Any]:
