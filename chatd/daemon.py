@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from chatd import fdstore, safefs, systemd
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
-from chatd import safefs, systemd
 from chatd.admin import AdminService, AdminStartError
 from chatd.config import Settings
 from chatd.control import files, peers
@@ -64,6 +64,7 @@ class Prepared:
     sink: log_mod.Sink
     identity: tuple[int, int] | None  # (uid, gid) to become, when configured
     log_file_default: str | None = None  # the log file when the config sets none
+    inherited: fdstore.Inherited | None = None  # what systemd passed to `chatd run`
 
 
 def default_log_file() -> str:
@@ -231,12 +232,14 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
             log.warning("stale_pidfile_taken_over", pidfile=settings.pidfile,
                         old_pid=pidfile.stale_pid)
         try:
-            sock = None if daemonize else systemd.activated_socket()
+            inherited = None if daemonize else fdstore.inherit()
         except OSError as exc:
             raise StartError(f"socket activation: {exc}") from None
+        sock = inherited.sock if inherited is not None else None
         if sock is not None:
             tune_socket(sock, settings.listen)
-            log.info("socket_activation", fd=sock.fileno(), note="listen.* is ignored")
+            log.info("socket_activation" if inherited.origin == "socket-unit"
+                     else "socket_from_fdstore", fd=sock.fileno(), note="listen.* is ignored")
         else:
             try:
                 sock = bind_udp(settings.listen)
@@ -245,7 +248,8 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
     except BaseException:
         pidfile.release()
         raise
-    return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default)
+    return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default,
+                    inherited)
 
 
 def _serve(prepared: Prepared, notifier: systemd.Notifier,
@@ -272,10 +276,34 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier,
                 server, read_terminal=on_ready is None and _stdin_is_tty()))
         except AdminStartError as exc:
             raise StartError(str(exc)) from None
+        _systemd_restart(server, prepared, notifier)
         return server.serve(ready=on_ready)
     finally:
+        if prepared.inherited is not None and prepared.inherited.origin == "socket-unit":
+            fdstore.quiet_errors(prepared.sock)  # systemd watches it again: no stale error
         prepared.sock.close()  # the port first: it must be free once the lock is
         prepared.pidfile.release()
+
+
+def _systemd_restart(server: Server, prepared: Prepared, notifier: systemd.Notifier) -> None:
+    """`systemctl restart` keeps everyone (chatd.fdstore): take over what the last process
+    stored, and be ready to store the socket and the state for the next one."""
+    if prepared.inherited is not None:
+        fdstore.take_over(server, prepared.inherited, notifier, restore=_restore_state)
+    if notifier.enabled:
+        origin = prepared.inherited.origin if prepared.inherited is not None else None
+        server.hand_over = fdstore.handover_hook(
+            notifier, store_socket=origin != "socket-unit", capture=_capture_state)
+
+
+def _capture_state(server: Server) -> bytes:
+    from chatd.handover import state
+    return state.capture(server)
+
+
+def _restore_state(server: Server, blob: bytes) -> dict:
+    from chatd.handover import state
+    return state.restore(server, blob)
 
 
 def _check_log_reopenable(settings: Settings) -> None:

@@ -57,7 +57,9 @@ STALL_SECONDS = 1.0
 #: Datagrams read, at most, when catching up after a stall (a full receive buffer).
 CATCH_UP_LIMIT = 64 * 1024
 
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
+#: the stop reason of a handover to systemd's fd store (SIGUSR1, from `chatd systemd-stop`)
+HANDOVER = "handover"
 
 # Linux: ask for ICMP errors on the socket's error queue, with the address they concern
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
@@ -161,6 +163,9 @@ class Server:
                                                    "unknown_child_exited": "warning"})
         #: the log file used when the file sets none (``chatd start`` has one), kept on reload
         self.log_file_default: str | None = None
+        #: set under systemd (chatd.fdstore): on SIGUSR1, called instead of the goodbye once
+        #: the loop stopped reading; returns False when it could not hand over
+        self.hand_over: Callable[[Server], bool] | None = None
 
     # -- set-up ---------------------------------------------------------------
 
@@ -428,8 +433,14 @@ class Server:
         except BlockingIOError:
             return
         received = set(data)  # a burst of one signal is handled once
+        if signal.SIGUSR1 in received:  # before a SIGTERM that may follow it in the same read
+            if self.hand_over is not None:
+                self.stop(HANDOVER)
+            else:
+                log.warning("handover_unavailable", signal="SIGUSR1",
+                            note="not run by systemd: ignored")
         for signum in (signal.SIGTERM, signal.SIGINT):
-            if signum in received:
+            if signum in received and self._stop_reason is None:
                 self.stop(signal.Signals(signum).name)
         if signal.SIGCHLD in received:
             self._reap_children()
@@ -553,9 +564,16 @@ class Server:
     def _shutdown(self) -> None:
         log.info("server_stopping", reason=self._stop_reason, users=len(self.room))
         self.notifier.stopping()
+        handed_over = False
+        if self._stop_reason == HANDOVER and self.hand_over is not None:
+            # what the room accepted goes out first; what it has not read stays in the socket
+            self.apply(self.room.flush())
+            self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
+            handed_over = self.hand_over(self)  # before the plugins stop: their state goes too
         self.plugins.shutdown()
-        self.apply(self.room.flush())
-        self.apply(self.room.shutdown())
+        if not handed_over:
+            self.apply(self.room.flush())
+            self.apply(self.room.shutdown())
         self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
         for service in reversed(self.services):
             self._guarded(service, "stop", service.stop)

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from chatd import __version__, daemon
+from chatd import __version__, daemon, fdstore
 from chatd import config as config_mod
 from chatd import log as log_mod
 from chatd.cli import verbs
@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", parents=[common], help="re-read the configuration file")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and print the effective settings")
+    systemd_stop = sub.add_parser(
+        "systemd-stop", help="ExecStop= of chatd.service: on `systemctl restart`, have the "
+        "daemon hand its socket and users to systemd's fd store instead of saying goodbye")
+    systemd_stop.add_argument("unit", nargs="?", default="chatd.service",
+                              help="the unit being stopped (%%n; default chatd.service)")
     return parser
 
 
@@ -77,6 +82,8 @@ def effective_yaml(settings: config_mod.Settings) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "systemd-stop":  # needs no configuration: it asks systemd
+        return fdstore.stop_helper(args.unit)
     path = config_mod.config_path(args.config)
     try:
         if args.command in ("stop", "status", "reload"):
