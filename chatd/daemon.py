@@ -34,6 +34,9 @@ from chatd.config import Settings
 from chatd.control import files, peers
 from chatd.control.channel import LineBuffer
 from chatd.formats import format_addr
+from chatd.handover import state
+from chatd.handover.giver import HandoverService, SelfRestart
+from chatd.handover.takeover import Successor, TakeoverFailed, take_over
 from chatd.pidfile import PidFile, State
 from chatd.server import BindError, Server, bind_udp, tune_socket
 from chatd.services import Service
@@ -60,7 +63,7 @@ class Prepared:
     settings: Settings
     config_path: str | None
     pidfile: PidFile
-    sock: socket.socket
+    sock: socket.socket | None  # None for a takeover: the running daemon hands it over
     sink: log_mod.Sink
     identity: tuple[int, int] | None  # (uid, gid) to become, when configured
     log_file_default: str | None = None  # the log file when the config sets none
@@ -257,8 +260,11 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier,
     """The daemon proper, shared by ``run`` and ``start``.
 
     Releasing the pidfile is its very last act: ``stop`` returns, and ``restart``
-    binds the port again, the moment the lock is free.
+    binds the port again, the moment the lock is free. After a handover the lock
+    is not released but left to the process that took over (it has the same file).
     """
+    assert prepared.sock is not None
+    server: Server | None = None
     try:
         drop_privileges(prepared.identity)
         _check_log_reopenable(prepared.settings)
@@ -276,34 +282,34 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier,
                 server, read_terminal=on_ready is None and _stdin_is_tty()))
         except AdminStartError as exc:
             raise StartError(str(exc)) from None
+        if on_ready is not None:  # the classic daemon: chatd restart hands the room over
+            server.add_service(SelfRestart(server))
+            server.add_service(HandoverService(server, prepared.pidfile))
         _systemd_restart(server, prepared, notifier)
         return server.serve(ready=on_ready)
     finally:
         if prepared.inherited is not None and prepared.inherited.origin == "socket-unit":
             fdstore.quiet_errors(prepared.sock)  # systemd watches it again: no stale error
         prepared.sock.close()  # the port first: it must be free once the lock is
-        prepared.pidfile.release()
+        _let_go(prepared.pidfile, server)
+
+
+def _let_go(pidfile: PidFile, server: Server | None) -> None:
+    if server is not None and server.handed_over:
+        pidfile.forget()  # the new process holds the same lock and has published its pid
+    else:
+        pidfile.release()
 
 
 def _systemd_restart(server: Server, prepared: Prepared, notifier: systemd.Notifier) -> None:
     """`systemctl restart` keeps everyone (chatd.fdstore): take over what the last process
     stored, and be ready to store the socket and the state for the next one."""
     if prepared.inherited is not None:
-        fdstore.take_over(server, prepared.inherited, notifier, restore=_restore_state)
+        fdstore.take_over(server, prepared.inherited, notifier, restore=state.restore)
     if notifier.enabled:
         origin = prepared.inherited.origin if prepared.inherited is not None else None
-        server.hand_over = fdstore.handover_hook(
-            notifier, store_socket=origin != "socket-unit", capture=_capture_state)
-
-
-def _capture_state(server: Server) -> bytes:
-    from chatd.handover import state
-    return state.capture(server)
-
-
-def _restore_state(server: Server, blob: bytes) -> dict:
-    from chatd.handover import state
-    return state.restore(server, blob)
+        fdstore.handle_restart(server, notifier, store_socket=origin != "socket-unit",
+                               capture=state.capture)
 
 
 def _check_log_reopenable(settings: Settings) -> None:
@@ -394,7 +400,7 @@ def start(settings: Settings, config_path: str | None) -> int:
     return _await_daemon(prepared.settings, read_end, child)
 
 
-def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
+def _daemon_child(prepared: Prepared, ready_fd: int, takeover: bool = False) -> None:
     import daemon as python_daemon
 
     pipe: list[int] = [ready_fd]  # emptied once closed: its number may then be reused
@@ -414,7 +420,9 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
             detach_process=True,  # explicit: its auto-detection skips the fork under init
             umask=prepared.settings.daemon.umask,
             working_directory="/",
-            files_preserve=[prepared.sock.fileno(), prepared.pidfile.fileno(), ready_fd,
+            files_preserve=[ready_fd,
+                            *([] if takeover else [prepared.sock.fileno(),
+                                                   prepared.pidfile.fileno()]),
                             *([prepared.sink.fileno()] if prepared.sink.fileno() else [])],
             signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
         )
@@ -428,11 +436,16 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
     systemd.forget_environment()
     code = 1
     try:
-        def ready() -> None:
-            report(f"READY {format_addr(prepared.sock.getsockname())}")
+        def ready(sock: socket.socket | None = None) -> None:
+            sock = sock or prepared.sock
+            assert sock is not None
+            report(f"READY {format_addr(sock.getsockname())}")
             close_pipe()
 
-        code = _serve(prepared, systemd.Notifier(address=""), on_ready=ready)
+        if takeover:
+            code = _serve_takeover(prepared, report, ready)
+        else:
+            code = _serve(prepared, systemd.Notifier(address=""), on_ready=ready)
     except Exception as exc:
         log.exception("daemon_failed")
         report(f"ERROR {exc}")
@@ -440,13 +453,19 @@ def _daemon_child(prepared: Prepared, ready_fd: int) -> None:
         os._exit(code)
 
 
-def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
-    """Wait for the daemon's word on the pipe, reaping the forks in between."""
+def _await_daemon(settings: Settings, read_end: int, intermediate: int,
+                  takeover: bool = False) -> int:
+    """Wait for the daemon's word on the pipe, reaping the forks in between.
+
+    ``takeover``: the new daemon of ``chatd restart``; the old one holds the pidfile
+    throughout, and serves on when the new one fails.
+    """
     deadline = time.monotonic() + settings.daemon.start_timeout
     lines = LineBuffer(limit=None)
     daemon_pid: int | None = None
     leader: int | None = None
     outcome: str | None = None
+    handed: str | None = None
     try:
         while outcome is None:
             remaining = deadline - time.monotonic()
@@ -464,6 +483,8 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
                 text = line.decode(errors="replace")
                 if text.startswith("PID "):
                     daemon_pid, leader = _parse_pid_line(text)
+                elif text.startswith("HANDOVER "):
+                    handed = text.removeprefix("HANDOVER ")
                 else:
                     outcome = text
     finally:
@@ -478,13 +499,21 @@ def _await_daemon(settings: Settings, read_end: int, intermediate: int) -> int:
             os.waitpid(leader, 0)
     if outcome is not None and outcome.startswith("READY "):
         _reap_children()
-        print(f"chatd started (pid {daemon_pid}, udp {outcome[6:]})")
+        if takeover:
+            print(f"chatd restarted (pid {daemon_pid}, udp {outcome[6:]}): {handed}")
+        else:
+            print(f"chatd started (pid {daemon_pid}, udp {outcome[6:]})")
         return 0
     if outcome is None:
         limit = settings.daemon.start_timeout
         outcome = f"ERROR the daemon did not become ready within {limit:g} s"
         if daemon_pid is not None:
             _kill_quietly(daemon_pid, signal.SIGKILL)
+    if takeover:
+        _reap_children()
+        log_mod.print_stderr(f"chatd: restart failed: {outcome.removeprefix('ERROR ')}")
+        log_mod.print_stderr("chatd: the running daemon goes on serving, as it was")
+        return 1
     if wait_unlocked(settings.pidfile, 5.0):
         remove_stale(settings)  # a killed or crashed daemon could not remove it
     _reap_children()
@@ -533,3 +562,107 @@ def remove_stale(settings: Settings, control_files: bool = False) -> None:
             files.remove_files(settings.control)
     finally:
         stale.release()
+
+
+# -- chatd restart: a handover -------------------------------------------------------------
+
+
+def restart(settings: Settings, config_path: str | None) -> int:
+    """``chatd restart``: a new daemon, ready first, takes the socket and the room over.
+
+    When no daemon runs, it is a plain start. Whatever goes wrong before the old
+    daemon has handed over, it serves on and this returns 1 with the new one's error.
+    """
+    if pidfile_mod.probe(settings.pidfile).state is not State.RUNNING:
+        print("chatd: not running; starting it")
+        return start(settings, config_path)
+    try:
+        prepared = _prepare_takeover(settings, config_path)
+    except StartError as exc:
+        log_mod.print_stderr(f"chatd: restart failed: {exc}")
+        log_mod.print_stderr("chatd: the running daemon goes on serving, as it was")
+        return 1
+    read_end, write_end = os.pipe()
+    _become_subreaper()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        _daemon_child(prepared, write_end, takeover=True)
+        os._exit(1)  # not reached
+    os.close(write_end)
+    return _await_daemon(prepared.settings, read_end, child, takeover=True)
+
+
+def _prepare_takeover(settings: Settings, config_path: str | None) -> Prepared:
+    """What :func:`prepare` does, but for the pidfile and the port: the running daemon
+    keeps those until it hands them over."""
+    if config_path is not None:
+        config_path = os.path.abspath(config_path)
+    log_file_default = default_log_file()
+    if settings.log.file is None:
+        settings = replace(settings, log=replace(settings.log, file=log_file_default))
+    identity = preflight(settings)
+    _make_runtime_dir(settings, identity, resolve_control_group(settings))
+    try:
+        if settings.log.file is not None and identity is not None and os.geteuid() == 0:
+            log_mod.prepare_log_file(settings.log.file, identity)
+        sink = log_mod.configure(settings.log)
+    except OSError as exc:
+        raise StartError(f"cannot open log.file {settings.log.file}: {exc.strerror}") from None
+    return Prepared(settings, config_path, PidFile(settings.pidfile), None, sink, identity,
+                    log_file_default)
+
+
+def _serve_takeover(prepared: Prepared, report: Callable[[str], None],
+                    ready: Callable[[socket.socket], None]) -> int:
+    """The new daemon of ``chatd restart``: ready first, then the room, then serve.
+
+    Any failure before the old daemon says ``go`` ends this process with an
+    ``ERROR`` line for ``chatd restart``; the old daemon serves on.
+    """
+    drop_privileges(prepared.identity)
+    _check_log_reopenable(prepared.settings)
+    server = Server(prepared.settings, None, notifier=systemd.Notifier(address=""),  # type: ignore[arg-type]
+                    config_path=prepared.config_path)
+    server.log_file_default = prepared.log_file_default
+    server.start_plugins()
+    problems = server.plugins.startup_problems()
+    if problems:
+        report("ERROR " + "; ".join(f"plugin {name} failed at start-up: {error}"
+                                     for name, error in problems))
+        return 1
+    try:
+        conn, summary = take_over(server, prepared.pidfile)
+    except TakeoverFailed as exc:
+        log.error("takeover_failed", error=str(exc))
+        report(f"ERROR {exc}")
+        return 1
+    sock = server.sock
+    prepared.sock = sock
+    log.info("handover_done", from_pid=summary["from_pid"], sessions=summary["sessions"],
+             bytes=summary["bytes"], ms=summary["ms"], total_ms=summary["total_ms"])
+    try:
+        prepared.pidfile.write(os.getpid())
+        os.register_at_fork(after_in_child=prepared.pidfile.forget)
+        tune_socket(sock, prepared.settings.listen)
+        server.install_signals()
+        server.add_service(PidfileKeeper(prepared.pidfile))
+
+        def old_gone() -> None:
+            """The old daemon and its admin child have gone: their files are free."""
+            try:
+                server.add_service(AdminService(server))
+            except AdminStartError as exc:
+                log.error("admin_child_failed", error=str(exc))
+            server.add_service(SelfRestart(server))
+            server.add_service(HandoverService(server, prepared.pidfile))
+            report(f"HANDOVER took over from pid {summary['from_pid']}: "
+                   f"{summary['sessions']} sessions, {summary['bytes']} bytes, "
+                   f"{summary['ms']} ms pause")
+            ready(sock)
+
+        server.add_service(Successor(server, conn, summary["from_pid"], old_gone))
+        return server.serve()
+    finally:
+        sock.close()
+        _let_go(prepared.pidfile, server)

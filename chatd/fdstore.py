@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from chatd import systemd
+from chatd.server import SHUTDOWN_FLUSH_SECONDS
 
 if TYPE_CHECKING:
     from chatd.server import Server
@@ -194,25 +195,41 @@ def take_over(server: Server, inherited: Inherited, notifier: systemd.Notifier,
             log.error("handover_state_unreadable", via="systemd", bytes=len(inherited.state),
                       error=str(exc) or type(exc).__name__, note="starting with an empty room")
         else:
+            taken_at = summary.pop("taken_at", None)
+            pause = {"pause_ms": round((time.time() - taken_at) * 1000, 1)} if isinstance(
+                taken_at, (int, float)) else {}
             log.info("handover_done", via="systemd", socket=inherited.origin,
-                     ms=round((time.monotonic() - began) * 1000, 1), **summary)
+                     restore_ms=round((time.monotonic() - began) * 1000, 1), **pause, **summary)
     forget_stored(notifier, inherited.stored)
 
 
-def handover_hook(notifier: systemd.Notifier, *, store_socket: bool,
-                  capture: Callable[[Server], bytes]) -> Callable[[Server], bool]:
-    """``Server.hand_over`` under systemd: :func:`hand_over`, logged; False if it failed."""
-    def hand_over_server(server: Server) -> bool:
+def handle_restart(server: Server, notifier: systemd.Notifier, *, store_socket: bool,
+                   capture: Callable[[Server], bytes]) -> None:
+    """On :data:`HANDOVER_SIGNAL`, hand the room over to the fd store and stop silently.
+
+    From the loop, between datagrams: stop reading (what arrives waits in the
+    socket), send what the room already accepted, then :func:`hand_over`. If
+    that fails the daemon stops as on SIGTERM, with the goodbye: the next
+    process starts fresh, and nobody is left believing they are still in.
+    """
+    def on_signal() -> None:
+        server.pause_reading()
+        server.notifier.stopping()
+        server.apply(server.room.flush())
+        server.drain_backlog(SHUTDOWN_FLUSH_SECONDS)
         try:
             summary = hand_over(notifier, server.sock, lambda: capture(server),
                                 store_socket=store_socket)
         except Exception as exc:  # whatever it was: the users get their goodbye instead
             log.error("handover_failed", via="systemd", error=str(exc) or type(exc).__name__,
                       note="saying goodbye instead")
-            return False
+            server.stop(f"{HANDOVER_SIGNAL.name} (handover failed)")
+            return
         log.info("handed_over", via="systemd", sessions=len(server.room), **summary)
-        return True
-    return hand_over_server
+        server.handed_over = True
+        server.stop(f"{HANDOVER_SIGNAL.name} (handover)")
+
+    server.handle_signal(HANDOVER_SIGNAL, on_signal)
 
 
 # -- on the way down ------------------------------------------------------------------------

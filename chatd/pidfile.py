@@ -116,6 +116,11 @@ def lock_holders(fd: int) -> tuple[int, ...] | None:
     return tuple(holders)
 
 
+def is_file_at(fd: int, path: str) -> bool:
+    """Whether the file open at ``fd`` is the one at ``path`` now."""
+    return _is_path_of(fd, path)
+
+
 def _is_path_of(fd: int, path: str) -> bool:
     """Whether ``fd`` is still the file at ``path`` (not one renamed over or unlinked)."""
     try:
@@ -154,6 +159,15 @@ class PidFile:
                 break
             os.close(fd)
         self.stale_pid = _read_pid(fd)
+        self.fd = fd
+
+    def adopt(self, fd: int) -> None:
+        """Hold the pidfile through ``fd``, a descriptor of it that the running daemon
+        handed over (chatd restart): the lock is the open file's, so it is held
+        throughout; :meth:`write` then publishes our pid under a lock of our own."""
+        assert self.fd is None, "already holding a pidfile"
+        if not _is_path_of(fd, self.path):
+            raise OSError(errno.ESTALE, f"the descriptor handed over is not {self.path}")
         self.fd = fd
 
     def write(self, pid: int) -> None:

@@ -57,9 +57,7 @@ STALL_SECONDS = 1.0
 #: Datagrams read, at most, when catching up after a stall (a full receive buffer).
 CATCH_UP_LIMIT = 64 * 1024
 
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
-#: the stop reason of a handover to systemd's fd store (SIGUSR1, from `chatd systemd-stop`)
-HANDOVER = "handover"
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 # Linux: ask for ICMP errors on the socket's error queue, with the address they concern
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
@@ -156,6 +154,8 @@ class Server:
         self._next_tick = 0.0
         self._next_watchdog = 0.0
         self._signal_r, self._signal_w = socket.socketpair()
+        #: signals beyond the built-in ones, and what the loop calls for each
+        self._signal_callbacks: dict[int, Callable[[], None]] = {}
         #: what runs beside the room, in the order started (see :meth:`add_service`)
         self.services: list[Service] = []
         # what the loop itself can fail at, each kind logged at a bounded rate
@@ -163,9 +163,10 @@ class Server:
                                                    "unknown_child_exited": "warning"})
         #: the log file used when the file sets none (``chatd start`` has one), kept on reload
         self.log_file_default: str | None = None
-        #: set under systemd (chatd.fdstore): on SIGUSR1, called instead of the goodbye once
-        #: the loop stopped reading; returns False when it could not hand over
-        self.hand_over: Callable[[Server], bool] | None = None
+        #: (wall time, pid): when this process took the room over and from which process
+        self.taken_over: tuple[float, int] | None = None
+        #: the room went to a new process (chatd.handover): stop without a goodbye
+        self.handed_over = False
 
     # -- set-up ---------------------------------------------------------------
 
@@ -188,6 +189,23 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(fileobj)
 
+    def handle_signal(self, signum: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the loop (never inside the handler) when ``signum`` arrives."""
+        self._signal_callbacks[signum] = callback
+        signal.signal(signum, self._note_signal)
+
+    def pause_reading(self) -> None:
+        """Stop reading the UDP socket: what arrives waits in its buffer (a handover)."""
+        self.unwatch(self.sock)
+
+    def resume_reading(self) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._backlog else 0)
+        self.watch(self.sock, events, self._on_socket)
+
+    def drain_backlog(self, timeout: float) -> None:
+        """Send what a full send buffer kept back, for at most ``timeout`` seconds."""
+        self._drain_backlog(timeout)
+
     def add_service(self, service: Service) -> None:
         """Start ``service`` now (an error goes to the caller: start-up fails) and run it
         with the loop from then on: ticked, told of its children's exits, stopped last."""
@@ -206,7 +224,7 @@ class Server:
         ``ready`` is called once the room serves (the readiness pipe of ``chatd start``).
         """
         self.selector.register(self.sock, selectors.EVENT_READ, self._on_socket)
-        self.plugins.startup()
+        self.start_plugins()
         self.apply(self.room.flush())
         host, port = self.sock.getsockname()[:2]
         log.info("server_started", host=host, port=port, pid=os.getpid(),
@@ -232,6 +250,12 @@ class Server:
                     break
         self._shutdown()
         return 0
+
+    def start_plugins(self) -> None:
+        """Start the plugins, once: a process taking the room over does it before it has
+        the socket (:mod:`chatd.handover`), :meth:`serve` otherwise."""
+        if not self.plugins.started:
+            self.plugins.startup()
 
     def stop(self, reason: str) -> None:
         self._stop_reason = reason
@@ -433,19 +457,16 @@ class Server:
         except BlockingIOError:
             return
         received = set(data)  # a burst of one signal is handled once
-        if signal.SIGUSR1 in received:  # before a SIGTERM that may follow it in the same read
-            if self.hand_over is not None:
-                self.stop(HANDOVER)
-            else:
-                log.warning("handover_unavailable", signal="SIGUSR1",
-                            note="not run by systemd: ignored")
         for signum in (signal.SIGTERM, signal.SIGINT):
-            if signum in received and self._stop_reason is None:
+            if signum in received:
                 self.stop(signal.Signals(signum).name)
         if signal.SIGCHLD in received:
             self._reap_children()
         if signal.SIGHUP in received and self._stop_reason is None:
             self.reload()
+        for signum, callback in self._signal_callbacks.items():
+            if signum in received and self._stop_reason is None:
+                callback()
 
     def _reap_children(self) -> None:
         """Collect every child that exited, and tell the service that forked it.
@@ -555,6 +576,8 @@ class Server:
             "backlog": self._backlog_size,
             "plugins": [p["name"] for p in self.plugins.describe() if p.get("enabled")],
             "log_write_errors": _log_write_errors(),
+            **({"taken_over": iso_time(self.taken_over[0]),
+                "taken_over_from": self.taken_over[1]} if self.taken_over else {}),
             **{key: value for service in self.services for key, value in service.status().items()},
         }
 
@@ -562,19 +585,29 @@ class Server:
         return f"serving {self.address}, {len(self.room)} users"
 
     def _shutdown(self) -> None:
+        if self.handed_over:
+            self._shutdown_handed_over()
+            return
         log.info("server_stopping", reason=self._stop_reason, users=len(self.room))
         self.notifier.stopping()
-        handed_over = False
-        if self._stop_reason == HANDOVER and self.hand_over is not None:
-            # what the room accepted goes out first; what it has not read stays in the socket
-            self.apply(self.room.flush())
-            self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
-            handed_over = self.hand_over(self)  # before the plugins stop: their state goes too
         self.plugins.shutdown()
-        if not handed_over:
-            self.apply(self.room.flush())
-            self.apply(self.room.shutdown())
+        self.apply(self.room.flush())
+        self.apply(self.room.shutdown())
         self._drain_backlog(SHUTDOWN_FLUSH_SECONDS)
+        for service in reversed(self.services):
+            self._guarded(service, "stop", service.stop)
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+
+
+    def _shutdown_handed_over(self) -> None:
+        """The room lives on in another process: no goodbye, nothing more on the socket.
+        Plugins close what they opened; whatever they send on the way is dropped."""
+        log.info("server_stopping", reason=self._stop_reason, users=len(self.room),
+                 handed_over=True)
+        self.unwatch(self.sock)
+        self.plugins.shutdown()
+        self.room.flush()
         for service in reversed(self.services):
             self._guarded(service, "stop", service.stop)
         signal.set_wakeup_fd(-1)

@@ -105,6 +105,8 @@ def _status(status: dict[str, Any]) -> str:
         f"pid:          {status['pid']} (admin child {status.get('admin_child_pid') or 'none'})",
         f"address:      udp {status['address']}",
         f"uptime:       {status['uptime']:.0f}s (since {status['started']})",
+        *([f"taken over:   at {status['taken_over']} from pid {status['taken_over_from']}"]
+          if status.get("taken_over") else []),
         f"users:        {status['users']} of {status['max_users']}",
         f"config:       {status.get('config') or 'built-in defaults'}",
         f"plugins:      {', '.join(status.get('plugins') or []) or 'none'}",

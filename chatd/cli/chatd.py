@@ -33,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("start", parents=[common],
                    help="start the background daemon; returns once it serves")
     stop = sub.add_parser("stop", parents=[common], help="stop the daemon (SIGTERM) and wait")
-    restart = sub.add_parser("restart", parents=[common], help="stop, then start")
+    restart = sub.add_parser(
+        "restart", parents=[common],
+        help="start a new daemon that takes the room over (nobody is logged out); "
+        "--fresh: stop, then start")
+    restart.add_argument("--fresh", action="store_true",
+                         help="stop (everyone is told goodbye), then start with an empty room")
     for p in (stop, restart):
         p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                        help="seconds to wait for the daemon to exit (default 10)")
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return verbs.stop(settings, args.timeout, args.kill)
     if args.command == "reload":
         return verbs.reload(settings)
+    if args.command == "restart" and not args.fresh:
+        return daemon.restart(settings, path)
     if args.command == "restart":
         stopped = verbs.stop(settings, args.timeout, args.kill)
         return stopped if stopped != 0 else daemon.start(settings, path)

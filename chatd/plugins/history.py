@@ -101,6 +101,23 @@ class History(Plugin):
             store.close()
 
     @hookimpl
+    def chatd_handover_state(self) -> dict:
+        return {"lines": [list(line) for line in self.lines]}
+
+    @hookimpl
+    def chatd_handover_restore(self, saved: dict) -> None:
+        """The old process's lines replace what was read at start-up (the same, or newer
+        than the SQLite file when there is one)."""
+        lines = saved.get("lines") if isinstance(saved, dict) else None
+        if not isinstance(lines, list):
+            return
+        kept = [(line[0], line[1]) for line in lines
+                if isinstance(line, list) and len(line) == 2
+                and all(isinstance(part, str) for part in line)]
+        self.lines.clear()
+        self.lines.extend(kept)
+
+    @hookimpl
     def chatd_said(self, name: str, text: str) -> None:
         self.lines.append((name, text))
         if self.store is not None:

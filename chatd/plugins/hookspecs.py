@@ -62,6 +62,28 @@ def chatd_reconfigure(room: RoomAPI) -> None:
 
 
 @hookspec
+def chatd_handover_state() -> Any:
+    """The room is being handed to a new chatd process (``chatd restart``, ``systemctl
+    restart``): return what the people would miss if it were lost, the last lines said,
+    say, as JSON-safe data (dicts with string keys, lists, strings, numbers, booleans).
+
+    Called with the room stopped, just before the new process takes over: keep it
+    quick. The new process gives it to ``chatd_handover_restore`` of the plugin of
+    the same name. ``chatd_shutdown`` follows as at a stop, but nothing it sends
+    is delivered: nobody was told goodbye.
+    """
+
+
+@hookspec
+def chatd_handover_restore(saved: Any) -> None:
+    """What ``chatd_handover_state`` of this plugin returned in the old process, given
+    back in the new one after ``chatd_startup``. It may come from an older version of
+    the plugin: check it, and ignore what does not fit. A failure here is logged; the
+    plugin then runs with what it has.
+    """
+
+
+@hookspec
 def chatd_commands() -> Mapping[str, str]:
     """The slash commands this plugin answers, ``{"who": "/who - list the users"}``.
 

@@ -45,7 +45,7 @@ class PluginState:
 
     __slots__ = ("spec", "api", "instance", "enabled", "reason", "options", "calls",
                  "seconds", "failures", "failures_in_row", "slow_calls", "commands",
-                 "log_rate")
+                 "log_rate", "startup_error")
 
     def __init__(self, spec: PluginSpec, api: RoomAPI):
         self.spec = spec
@@ -62,6 +62,8 @@ class PluginState:
         self.commands: dict[str, str] = {}
         #: failures and slowness are logged at a bounded rate: they can happen per line
         self.log_rate = TokenBucket(1.0, 10.0, time.monotonic())
+        #: why it could not start (its factory or ``chatd_startup`` raised), last time
+        self.startup_error: str | None = None
 
 
 class PluginManager(NoHooks):
@@ -93,6 +95,8 @@ class PluginManager(NoHooks):
             for name, spec in self.catalog.specs.items()
         }
         self._started = False
+        #: what plugins handed over from the previous process, until each is enabled
+        self._handed_over: dict[str, Any] = {}
         #: the hooks some enabled plugin implements: calling one nobody does costs
         #: pluggy's call path (about a microsecond) for nothing, at every chat line
         self._implemented: frozenset[str] = frozenset()
@@ -111,9 +115,52 @@ class PluginManager(NoHooks):
 
     # -- life cycle --------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     def startup(self) -> None:
         self._started = True
         self._apply(self._wanted)
+        self._drop_unclaimed()
+
+    def startup_problems(self) -> list[tuple[str, str]]:
+        """(plugin, error) for each plugin the settings want that failed to start: a new
+        process taking the room over (chatd restart) refuses to, rather than run without it."""
+        return [(name, state.startup_error) for name, state in self._states.items()
+                if state.startup_error is not None
+                and self._wanted.get(name, (None, ""))[0] is not None]
+
+    def handover_state(self) -> dict[str, Any]:
+        """What each enabled plugin hands to the next process (``chatd_handover_state``)."""
+        states = {}
+        for name, state in self._states.items():
+            if state.enabled:
+                value = self._call_own(state, "chatd_handover_state")
+                if value is not None:
+                    states[name] = value
+        return states
+
+    def handover_restore(self, states: Mapping[str, Any]) -> None:
+        """Give each plugin what it handed over (``chatd_handover_restore``): now if it runs,
+        else when :meth:`startup` enables it; a plugin not enabled here never gets it."""
+        self._handed_over = dict(states)
+        if self._started:
+            for state in self._states.values():
+                if state.enabled:
+                    self._give_back(state)
+            self._drop_unclaimed()
+
+    def _drop_unclaimed(self) -> None:
+        for name in self._handed_over:
+            log.info("plugin_state_ignored", plugin=name, reason="plugin not enabled")
+        self._handed_over = {}
+
+    def _give_back(self, state: PluginState) -> None:
+        name = state.spec.name
+        if name in self._handed_over:
+            self._call_own(state, "chatd_handover_restore",
+                           saved=self._handed_over.pop(name))
 
     def shutdown(self) -> None:
         for state in self._states.values():
@@ -153,6 +200,7 @@ class PluginManager(NoHooks):
         state.options = options
         state.api._set_options(options)
         state.failures_in_row = 0
+        state.startup_error = None
         try:
             if state.spec.factory is None:
                 raise RuntimeError(state.spec.error)
@@ -161,6 +209,7 @@ class PluginManager(NoHooks):
         except Exception as exc:
             state.failures += 1
             state.enabled, state.reason = False, "error"
+            state.startup_error = repr(exc)
             log.error("plugin_failed", plugin=name, hook="__init__", error=repr(exc),
                       traceback=traceback.format_exc())
             return
@@ -169,6 +218,8 @@ class PluginManager(NoHooks):
         log.info("plugin_enabled", plugin=name, options=options, source=state.spec.source)
         self._call_own(state, "chatd_startup", room=state.api)
         self._ask_commands(state)
+        if self._handed_over and state.enabled:
+            self._give_back(state)
 
     def _register(self, name: str, instance: Any) -> None:
         """Register with pluggy, which checks each hook's name and arguments."""
@@ -316,6 +367,8 @@ class PluginManager(NoHooks):
         return answer
 
     def _failed(self, state: PluginState, hook: str, exc: BaseException) -> None:
+        if hook == "chatd_startup":
+            state.startup_error = repr(exc)
         state.failures += 1
         state.failures_in_row += 1
         if state.log_rate.take(time.monotonic()):
