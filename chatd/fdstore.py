@@ -347,14 +347,20 @@ def wait_exit(pid: int, timeout: float) -> bool:
     return False
 
 
-def stop_helper(unit: str, mainpid: str | None = None) -> int:
-    """``chatd systemd-stop UNIT``: stop the daemon, by a handover on a restart.
+def stop_helper(unit: str, mainpid: str | None = None,
+                check_config: Callable[[], str | None] | None = None,
+                query: Callable[..., dict[str, str]] = show) -> int:
+    """``chatd systemd-stop [-c FILE] UNIT``: stop the daemon, by a handover on a restart.
 
     A restart job gets :data:`HANDOVER_SIGNAL`, anything else SIGTERM (the
-    goodbye); then it waits for the daemon to exit, as ExecStop= should. It
-    never fails the stop: whatever goes wrong (no systemd to ask, a daemon
-    already gone) it says so, and goes for the goodbye, the safe way; a daemon
-    that does not exit in time is left to systemd's SIGTERM and SIGKILL.
+    goodbye); then it waits for the daemon to exit, as ExecStop= should. Under
+    systemd the old process cannot wait for the new one to be ready, so the
+    configuration the new one will read is checked first (``check_config``
+    says what is wrong with it): a file that would fail the start gets the
+    goodbye, not a room nobody will serve. It never fails the stop: whatever
+    goes wrong (no systemd to ask, a daemon already gone) it says so and goes
+    for the goodbye, the safe way; a daemon that does not exit in time is left
+    to systemd's SIGTERM and SIGKILL.
     """
     mainpid = os.environ.get("MAINPID", "") if mainpid is None else mainpid
     if not mainpid.isdigit() or int(mainpid) <= 1:
@@ -362,9 +368,12 @@ def stop_helper(unit: str, mainpid: str | None = None) -> int:
         return 0
     pid = int(mainpid)
     try:
-        handing_over, why = stop_decision(unit)
+        handing_over, why = stop_decision(unit, query)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         handing_over, why = False, f"cannot ask systemd ({exc})"
+    problem = check_config() if handing_over and check_config is not None else None
+    if problem is not None:
+        handing_over, why = False, f"{why}, but the next process cannot start: {problem}"
     signum = HANDOVER_SIGNAL if handing_over else signal.SIGTERM
     what = "a handover to the fd store" if handing_over else "goodbye"
     try:

@@ -349,8 +349,9 @@ def test_stop_decision_without_a_job_says_goodbye() -> None:
         False, "no job is pending for the unit")
 
 
-def test_stop_helper_without_systemd_stops_with_sigterm(tmp_path: Path) -> None:
-    """No systemd to ask (systemctl fails here): the safe way, SIGTERM and the goodbye."""
+@pytest.fixture
+def daemon_stand_in(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A process that writes down the signal that ended it: SIGTERM or SIGUSR1."""
     marker = tmp_path / "signal"
     code = ("import signal, sys, time\n"
             f"def got(n, f): open({str(marker)!r}, 'w').write(signal.Signals(n).name); "
@@ -361,17 +362,47 @@ def test_stop_helper_without_systemd_stops_with_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        env = {**os.environ, "MAINPID": str(proc.pid), "PATH": str(tmp_path)}  # no systemctl
-        done = subprocess.run([*CHATD, "systemd-stop", "chatd.service"], env=env,
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert "cannot ask systemd" in done.stdout and "SIGTERM" in done.stdout
-        assert proc.wait(10) == 0  # the helper waited for it: it has exited
-        assert marker.read_text() == "SIGTERM"
+        yield proc, marker
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+RESTARTING = _systemd_says({"chatd.service": {"Job": "7", "FileDescriptorStoreMax": "4"},
+                            "7": {"JobType": "restart"}})
+
+
+@pytest.mark.parametrize(("problem", "expected"), [
+    (None, "SIGUSR1"),
+    ("line 3: room.max_users: expected an integer, got 'lots'", "SIGTERM"),
+])
+def test_stop_helper_hands_over_only_if_the_next_process_can_start(
+        daemon_stand_in, problem: str | None, expected: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """systemd stops before it starts: a file the next process would refuse gets the
+    goodbye, not a room handed to a process that never comes."""
+    proc, marker = daemon_stand_in
+    assert fdstore.stop_helper("chatd.service", str(proc.pid), check_config=lambda: problem,
+                               query=RESTARTING) == 0
+    assert proc.wait(10) == 0
+    assert marker.read_text() == expected
+    if problem is not None:
+        assert problem in capsys.readouterr().out
+
+
+def test_stop_helper_without_systemd_stops_with_sigterm(daemon_stand_in) -> None:
+    """No systemd to ask (or no job: nothing is restarting it): SIGTERM and the goodbye."""
+    proc, marker = daemon_stand_in
+    env = {**os.environ, "MAINPID": str(proc.pid)}
+    done = subprocess.run([*CHATD, "systemd-stop", "chatd.service"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"SIGTERM to pid {proc.pid}" in done.stdout
+    assert proc.wait(10) == 0  # the helper waited for it: it has exited
+    assert marker.read_text() == "SIGTERM"
 
 
 def test_stop_helper_without_a_main_process_does_nothing() -> None:

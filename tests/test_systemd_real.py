@@ -556,6 +556,20 @@ def test_systemctl_stop_still_says_goodbye_and_empties_the_store(
     assert "taken_over_from" not in machine.chatctl_json("status")
 
 
+def test_systemctl_restart_with_a_broken_config_says_goodbye(machine: Machine, user) -> None:
+    """systemd stops before it starts, so the old process cannot wait to see the new one
+    ready: a file the new one would refuse gets the goodbye, as before, not a room handed to
+    a process that never comes."""
+    machine.run("systemctl", "start", "chatd.service", check=True)
+    alice = user("alice")
+    assert login(alice) == b"OK"
+    machine.write_config(machine.edited_config("  max_users: 1000\n", "  max_users: lots\n"))
+    assert machine.run("systemctl", "restart", "chatd.service").returncode != 0
+    assert alice.recv(10) == SHUTDOWN_LINE
+    assert alice.recv(10) == b"EXIT"
+    assert machine.show("chatd.service", "NFileDescriptorStore")["NFileDescriptorStore"] == "0"
+
+
 def test_systemctl_restart_with_chatd_socket_keeps_everyone(machine: Machine, user) -> None:
     machine.run("systemctl", "start", "chatd.socket", check=True)
     seen = talking_through_a_restart(machine, user)
