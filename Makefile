@@ -37,11 +37,13 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 # Fan-out throughput and latency against a bare-loop baseline, 10,000 sessions, then the
-# cost of a login from 1,000 and from 100,000 distinct sources.
+# cost of a login from 1,000 and from 100,000 distinct sources, then the pause of a
+# handover restart.
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/fanout.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/logins.py
+	$(BIN)/python benchmarks/handover.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -352,7 +352,8 @@ def _try_send(conn: socket.socket, answer: dict[str, Any]) -> None:
 def run_admin_child(settings: ControlSettings, channel: socket.socket, daemon_uid: int,
                     read_terminal: bool) -> int:
     """The admin child's whole life; returns its exit status."""
-    for signum in (signal.SIGINT, signal.SIGHUP):  # the daemon handles these, then stops us
+    # the daemon handles these (SIGUSR2: a handover restart), then stops us
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)

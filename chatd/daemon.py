@@ -34,7 +34,7 @@ from chatd.config import Settings
 from chatd.control import files, peers
 from chatd.control.channel import LineBuffer
 from chatd.formats import format_addr
-from chatd.handover import state
+from chatd.handover import state, transfer
 from chatd.handover.giver import HandoverService, SelfRestart
 from chatd.handover.takeover import Successor, TakeoverFailed, take_over
 from chatd.pidfile import PidFile, State
@@ -560,8 +560,16 @@ def remove_stale(settings: Settings, control_files: bool = False) -> None:
     try:
         if control_files:
             files.remove_files(settings.control)
+            _remove_socket_file(transfer.socket_path(settings.runtime_dir))
     finally:
         stale.release()
+
+
+def _remove_socket_file(path: str) -> None:
+    """A dead daemon's handover socket (a socket, never whatever else is at that name)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 # -- chatd restart: a handover -------------------------------------------------------------

@@ -163,3 +163,12 @@ def test_the_baseline_server_speaks_the_protocol_subset():
         proc.kill()
         proc.communicate(timeout=10)
         notify.close()
+
+
+def test_handover_quick_reports_the_longest_pause_and_loses_nothing():
+    report = run_quick("handover.py")
+    assert report["benchmark"] == "handover"
+    assert report["lost"] == 0 and report["duplicated"] == 0 and report["in_order"]
+    assert len(report["restarts"]) == 1
+    assert report["restarts"][0]["longest_gap_ms"] > 0
+    assert report["restarts"][0]["daemon_pause_ms"] is not None

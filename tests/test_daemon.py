@@ -406,11 +406,11 @@ def test_stop_timeout_then_kill(daemons) -> None:
     assert_no_zombies()
 
 
-def test_restart_gives_a_new_daemon_that_serves(daemons, users) -> None:
+def test_fresh_restart_gives_a_new_daemon_that_serves(daemons, users) -> None:
     daemon = daemons()
     old = daemon.start()
     sid = os.getsid(old)
-    restarted = daemon.cli("restart")
+    restarted = daemon.cli("restart", "--fresh")
     assert restarted.returncode == 0, restarted
     new = daemon.pid()
     assert new is not None and new != old

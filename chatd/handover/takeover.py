@@ -59,7 +59,9 @@ def take_over(server: Server, pidfile: PidFile) -> tuple[socket.socket, dict[str
         deadline = time.monotonic() + transfer.STEP_TIMEOUT
         transfer.send_frame(conn, {"op": "takeover", "protocol": transfer.PROTOCOL,
                                    "pid": os.getpid()}, deadline)
-        offer, fds = transfer.recv_frame(conn, time.monotonic() + transfer.STEP_TIMEOUT)
+        # a room busy with a burst reads the request between two batches, and drains
+        # what a full send buffer kept back (at most a second) before it offers
+        offer, fds = transfer.recv_frame(conn, time.monotonic() + 3 * transfer.STEP_TIMEOUT)
         if offer["op"] != "offer":
             raise HandoverError(str(offer.get("error") or f"it answered {offer['op']!r}"))
         size = offer.get("bytes")
