@@ -310,13 +310,27 @@ def test_stop_succeeds_when_the_runtime_dir_belongs_to_another_user(
     owner = int(machine.run("stat", "-c", "%u", "/run/chatd", check=True).stdout)
     machine.run("chown", str(owner + 1), "/run/chatd", check=True)  # another dynamic user
 
-    machine.run("systemctl", "stop", "chatd.service", check=True)
+    # SIGTERM to the daemon alone: `systemctl stop` runs ExecStop= first, and systemd
+    # chowns the RuntimeDirectory= back to the unit's user for it, before the daemon stops
+    machine.run("systemctl", "kill", "--kill-whom=main", "-s", "TERM", "chatd.service",
+                check=True)
+    wait_for(lambda: not machine.is_running("chatd.service"), timeout=30,
+             what="chatd.service stopped")
     props = machine.show("chatd.service", "Result", "ExecMainStatus")
     assert props == {"Result": "success", "ExecMainStatus": "0"}
     warnings = [json.loads(message(e)) for e in journal("-u", "chatd.service", "-p", "warning")
                 if "control_file_not_removed" in message(e)]
     assert warnings, "the files left behind are not logged"
     assert {w["path"] for w in warnings} == {"/run/chatd/control.sock", "/run/chatd/control.fifo"}
+
+
+def test_systemctl_stop_succeeds_after_the_runtime_dir_changed_owner(machine: Machine) -> None:
+    machine.run("systemctl", "start", "chatd.service", check=True)
+    owner = int(machine.run("stat", "-c", "%u", "/run/chatd", check=True).stdout)
+    machine.run("chown", str(owner + 1), "/run/chatd", check=True)
+    machine.run("systemctl", "stop", "chatd.service", check=True)
+    props = machine.show("chatd.service", "Result", "ExecMainStatus")
+    assert props == {"Result": "success", "ExecMainStatus": "0"}
 
 
 # -- journald ------------------------------------------------------------------------------
