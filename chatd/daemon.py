@@ -23,18 +23,19 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 
+from chatd import fdstore, safefs, systemd
 from chatd import log as log_mod
 from chatd import pidfile as pidfile_mod
-from chatd import safefs, systemd
 from chatd.admin import AdminService, AdminStartError
 from chatd.config import Settings
 from chatd.control import files, peers
 from chatd.control.channel import LineBuffer
 from chatd.formats import format_addr
-from chatd.handover import transfer
+from chatd.handover import state, transfer
 from chatd.handover.giver import HandoverService, SelfRestart
 from chatd.handover.takeover import Successor, TakeoverFailed, take_over
 from chatd.pidfile import PidFile, State
@@ -70,6 +71,7 @@ class Prepared:
     #: ``metrics.listen``, bound before the fork (and before privileges drop); every
     #: admin child serves it in turn (chatd.metrics_http), the daemon never reads it
     metrics_sock: socket.socket | None = None
+    inherited: fdstore.Inherited | None = None  # what systemd passed to `chatd run`
 
 
 def default_log_file() -> str:
@@ -237,12 +239,14 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
             log.warning("stale_pidfile_taken_over", pidfile=settings.pidfile,
                         old_pid=pidfile.stale_pid)
         try:
-            sock = None if daemonize else systemd.activated_socket()
+            inherited = None if daemonize else fdstore.inherit()
         except OSError as exc:
             raise StartError(f"socket activation: {exc}") from None
+        sock = inherited.sock if inherited is not None else None
         if sock is not None:
             tune_socket(sock, settings.listen)
-            log.info("socket_activation", fd=sock.fileno(), note="listen.* is ignored")
+            log.info("socket_activation" if inherited.origin == "socket-unit"
+                     else "socket_from_fdstore", fd=sock.fileno(), note="listen.* is ignored")
         else:
             try:
                 sock = bind_udp(settings.listen)
@@ -253,7 +257,7 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
         pidfile.release()
         raise
     return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default,
-                    metrics_sock)
+                    metrics_sock=metrics_sock, inherited=inherited)
 
 
 def _bind_metrics(settings: Settings, udp: socket.socket | None) -> socket.socket | None:
@@ -299,13 +303,19 @@ def _serve(prepared: Prepared, notifier: systemd.Notifier,
                 metrics_sock=prepared.metrics_sock))
         except AdminStartError as exc:
             raise StartError(str(exc)) from None
+        restored = _systemd_take_over(server, prepared, notifier)
         if prepared.settings.cluster.enabled:
-            server.add_service(_cluster_bridge(server))
+            bridge = _cluster_bridge(server)
+            bridge.resume = restored.get("cluster") if restored else None
+            server.add_service(bridge)
         if on_ready is not None:  # the classic daemon: chatd restart hands the room over
             server.add_service(SelfRestart(server))
             server.add_service(HandoverService(server, prepared.pidfile))
+        _systemd_restart(server, prepared, notifier)
         return server.serve(ready=on_ready)
     finally:
+        if prepared.inherited is not None and prepared.inherited.origin == "socket-unit":
+            fdstore.quiet_errors(prepared.sock)  # systemd watches it again: no stale error
         prepared.sock.close()  # the port first: it must be free once the lock is
         if prepared.metrics_sock is not None:
             prepared.metrics_sock.close()
@@ -329,6 +339,23 @@ def _cluster_bridge(server: Server) -> Service:
         return ClusterBridge(server, server.settings.cluster)
     except ValueError as exc:
         raise StartError(str(exc), "cluster.redis") from None
+
+
+def _systemd_take_over(server: Server, prepared: Prepared,
+                       notifier: systemd.Notifier) -> dict[str, Any] | None:
+    """`systemctl restart` keeps everyone (chatd.fdstore): take over what the last process
+    stored; returns what was restored (None: a fresh room)."""
+    if prepared.inherited is None:
+        return None
+    return fdstore.take_over(server, prepared.inherited, notifier, restore=state.restore)
+
+
+def _systemd_restart(server: Server, prepared: Prepared, notifier: systemd.Notifier) -> None:
+    """Be ready to store the socket and the state for the next process."""
+    if notifier.enabled:
+        origin = prepared.inherited.origin if prepared.inherited is not None else None
+        fdstore.handle_restart(server, notifier, store_socket=origin != "socket-unit",
+                               capture=state.capture)
 
 
 def _check_log_reopenable(settings: Settings) -> None:

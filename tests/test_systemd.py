@@ -34,6 +34,7 @@ import yaml
 from helpers import CHATD, ChatdProcess, UdpUser, free_udp_port, wait_for, write_config
 
 from chatd import config as config_mod
+from chatd import fdstore
 from chatd.control.client import request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +201,8 @@ def test_units_are_templates_for_make_install() -> None:
         assert set(re.findall(r"@[A-Z_]+@", text)) <= {"@BINDIR@"}, name
         for key, values in unit_settings(name).items():
             if key.startswith("Exec") and "chatd" in " ".join(values):
-                assert all(v.startswith("@BINDIR@/chatd ") for v in values), (name, key)
+                # after systemd's prefixes ("+": run as root), if any
+                assert all(re.match(r"[-+:!]*@BINDIR@/chatd ", v) for v in values), (name, key)
 
 
 def test_units_agree_with_chatd() -> None:
@@ -209,6 +211,9 @@ def test_units_agree_with_chatd() -> None:
     sock = unit_settings("chatd.socket")
     assert notify["Type"] == ["notify"] and forking["Type"] == ["forking"]
     assert notify["ExecStart"] == [f"@BINDIR@/chatd run -c {INSTALLED_CONFIG}"]
+    # systemctl restart keeps everyone (chatd.fdstore): the helper reads the same file
+    assert notify["ExecStop"] == [f"+@BINDIR@/chatd systemd-stop -c {INSTALLED_CONFIG} %n"]
+    assert int(notify["FileDescriptorStoreMax"][0]) >= fdstore.NEEDED_STORE
     assert forking["ExecStart"] == [f"@BINDIR@/chatd start -c {INSTALLED_CONFIG}"]
     for unit in (notify, forking):
         assert unit["ExecStartPre"] == [f"@BINDIR@/chatd check-config -c {INSTALLED_CONFIG}"]

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from chatd import __version__, daemon
+from chatd import __version__, daemon, fdstore
 from chatd import config as config_mod
 from chatd import log as log_mod
 from chatd.cli import verbs
@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", parents=[common], help="re-read the configuration file")
     sub.add_parser("check-config", parents=[common],
                    help="validate the configuration and print the effective settings")
+    systemd_stop = sub.add_parser(
+        "systemd-stop", parents=[common],
+        help="ExecStop= of chatd.service: on `systemctl restart`, have the daemon hand its "
+        "socket and users to systemd's fd store instead of saying goodbye")
+    systemd_stop.add_argument("unit", nargs="?", default="chatd.service",
+                              help="the unit being stopped (%%n; default chatd.service)")
     return parser
 
 
@@ -80,9 +86,20 @@ def effective_yaml(settings: config_mod.Settings) -> str:
     return yaml.dump(nested, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100)
 
 
+def _config_problem(path: str | None) -> str | None:
+    """Why the file would keep the next process from starting, or None."""
+    try:
+        config_mod.load(path, check_plugins=check_settings)
+    except config_mod.ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = config_mod.config_path(args.config)
+    if args.command == "systemd-stop":  # a broken file must not keep it from stopping
+        return fdstore.stop_helper(args.unit, check_config=lambda: _config_problem(path))
     try:
         if args.command in ("stop", "status", "reload"):
             # a broken file must not keep anyone from stopping or asking the daemon;
