@@ -670,7 +670,8 @@ def test_cluster_node_template_unit(tmp_path: Path) -> None:
     assert node["ExecStart"] == ["@BINDIR@/chatd run -c /etc/chatd/%i.yaml"]
     assert node["ExecStartPre"] == ["@BINDIR@/chatd check-config -c /etc/chatd/%i.yaml"]
     assert node["RuntimeDirectory"] == ["chatd/%i"]
-    differing = {"Description", "ExecStart", "ExecStartPre", "RuntimeDirectory",
+    assert node["ExecStop"] == ["+@BINDIR@/chatd systemd-stop -c /etc/chatd/%i.yaml %n"]
+    differing = {"Description", "ExecStart", "ExecStartPre", "ExecStop", "RuntimeDirectory",
                  "StateDirectory", "LogsDirectory", "After", "Wants"}
     assert {k: v for k, v in node.items() if k not in differing} == {
         k: v for k, v in plain.items() if k not in differing}
