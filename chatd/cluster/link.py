@@ -78,7 +78,8 @@ OUTBOX_MAX = 100_000
 BATCH = 500
 #: names asserted again per pipeline on reconnect
 ASSERT_BATCH = 1000
-READ_BLOCK_MS = 1000
+#: XREAD waits at most this long for news: also the longest a stop() waits for the reader
+READ_BLOCK_MS = 250
 READ_COUNT = 1000
 #: the reader pauses while this many values wait for the loop (Redis keeps the rest)
 INBOUND_HIGH = 50_000
