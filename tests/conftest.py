@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -65,26 +66,33 @@ def local_users() -> Iterator[Callable[..., LocalUser]]:
 
     def make(groups: tuple[str, ...] = ()) -> LocalUser:
         name = f"chatdt{uuid.uuid4().hex[:8]}"
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                        "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+        _account_tool("useradd", "--system", "--user-group", "--no-create-home",
+                      "--shell", "/usr/sbin/nologin", name)
         users.append(name)
         for group in groups:
-            subprocess.run(["usermod", "--append", "--groups", group, name], check=True,
-                           capture_output=True)
+            _account_tool("usermod", "--append", "--groups", group, name)
         return LocalUser(name, tuple(groups))
 
     def group() -> str:
         name = f"chatdg{uuid.uuid4().hex[:8]}"
-        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+        _account_tool("groupadd", "--system", name)
         groups.append(name)
         return name
 
     make.group = group  # type: ignore[attr-defined]
     yield make
     for name in users:
-        subprocess.run(["userdel", "--force", name], capture_output=True)
+        _account_tool("userdel", "--force", name, check=False)
     for name in groups:
-        subprocess.run(["groupdel", name], capture_output=True)
+        _account_tool("groupdel", name, check=False)
+
+
+def _account_tool(*argv: str, check: bool = True) -> None:
+    """useradd and friends, one at a time across the test workers: two at once fail to
+    lock /etc/passwd ("cannot lock /etc/passwd; try again later")."""
+    with open("/run/chatd-tests-accounts.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(argv, check=check, capture_output=True)
 
 
 @pytest.fixture
