@@ -44,6 +44,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/logins.py
 	$(BIN)/python benchmarks/handover.py
+	@if command -v redis-server >/dev/null; then $(BIN)/python benchmarks/cluster.py; \
+	else echo "benchmarks/cluster.py skipped: redis-server is not installed"; fi
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

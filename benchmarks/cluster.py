@@ -66,7 +66,7 @@ def cluster_users(server: Server) -> int:
     except (ControlError, KeyError):
         return -1
     cluster = status.get("cluster") or {}
-    return int(cluster.get("users", status.get("users", -1)))
+    return int(cluster.get("users_total", status.get("users", -1)))
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:

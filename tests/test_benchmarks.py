@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -172,3 +173,18 @@ def test_handover_quick_reports_the_longest_pause_and_loses_nothing():
     assert len(report["restarts"]) == 1
     assert report["restarts"][0]["longest_gap_ms"] > 0
     assert report["restarts"][0]["daemon_pause_ms"] is not None
+
+
+def test_cluster_quick_compares_a_single_node_with_two_nodes_on_redis():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/test-deps.sh installs it)")
+    report = run_quick("cluster.py")
+    assert report["benchmark"] == "cluster"
+    by_layout = {r["layout"]: r for r in report["results"]}
+    assert set(by_layout) == {"single", "cluster-2"}
+    for result in by_layout.values():
+        assert result["burst_complete"] and result["paced_complete"]
+        assert result["burst_deliveries"] == result["burst_expected"]
+    assert by_layout["single"]["remote_p50_ms"] is None
+    assert by_layout["cluster-2"]["remote_p50_ms"] > 0
+    assert by_layout["cluster-2"]["redis_cpu_s_per_1k_lines"] is not None
