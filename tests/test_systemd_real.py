@@ -595,3 +595,35 @@ def test_systemctl_restart_with_chatd_socket_keeps_everyone(machine: Machine, us
     assert machine.is_running("chatd.socket")
     print(f"\nsystemctl restart with chatd.socket: longest pause in delivery "
           f"{talk.longest_pause() * 1000:.0f} ms, {talk.sent} lines, none lost")
+
+
+def test_forking_unit_hands_over_on_sigusr2_and_systemd_follows_the_new_pid(
+        machine: Machine, user) -> None:
+    """chatd-forking.service's handover restart (docs/systemd.md): SIGUSR2 to the main
+    process; the new daemon, forked inside the unit's cgroup, writes the pidfile before
+    the old one exits, and systemd takes it as the new main process."""
+    unit = "chatd-forking.service"
+    machine.run("systemctl", "start", unit, check=True)
+    before = int(machine.show(unit, "MainPID")["MainPID"])
+    alice, bob = user("alice"), user("bob")
+    assert login(alice) == b"OK"
+    assert login(bob) == b"OK"
+    assert alice.recv_text(10) == "\nbob joined the room"
+    with Conversation(bob, alice) as talk:
+        wait_for(lambda: len(talk.lines()) >= 10, timeout=30, what="the conversation going")
+        machine.run("systemctl", "kill", "-s", "USR2", "--kill-whom=main", unit, check=True)
+        wait_for(lambda: machine.show(unit, "MainPID")["MainPID"] not in ("0", str(before)),
+                 timeout=30, interval=0.2, what="systemd to follow the new main pid")
+        sent = talk.sent
+        wait_for(lambda: len(talk.lines()) >= sent + 10, timeout=30, what="talk afterwards")
+        talk.finish()
+    assert talk.lines() == list(range(talk.sent))  # every line, once, in order
+    assert [data for _, data in talk.heard if not data.startswith(b"\nbob says: line ")] == []
+    after = machine.show(unit, "MainPID", "ActiveState", "SubState")
+    assert (after["ActiveState"], after["SubState"]) == ("active", "running")
+    assert machine.chatctl_json("status")["pid"] == int(after["MainPID"])
+    assert sorted(u["name"] for u in machine.chatctl_json("who")) == ["alice", "bob"]
+    machine.run("systemctl", "stop", unit, check=True)
+    # a stop after the handover still says goodbye (ExecStop=+chatd stop: systemd itself
+    # would SIGKILL a main process that is not its child)
+    assert b"EXIT" in alice.drain(2.0)
