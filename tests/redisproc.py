@@ -40,9 +40,11 @@ def free_tcp_port() -> int:
 class RedisServer:
     """One redis-server process; :meth:`restart` brings it back empty on the same port."""
 
-    def __init__(self, directory: Path, port: int | None = None):
+    def __init__(self, directory: Path, port: int | None = None,
+                 unix_socket: Path | None = None):
         self.directory = directory
         self.port = port or free_tcp_port()
+        self.unix_socket = unix_socket  # listened on too, when given (mode 0700)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -56,7 +58,9 @@ class RedisServer:
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.directory),
              "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning",
-             "--logfile", str(self.directory / "redis.log")],
+             "--logfile", str(self.directory / "redis.log"),
+             *(["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+               if self.unix_socket else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, timeout=10, what=f"redis-server on port {self.port}")
         return self

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import select
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from helpers import wait_for
-from redisproc import free_tcp_port
+from redisproc import RedisServer, free_tcp_port
 from structlog.testing import capture_logs
 
 from chatd.cluster import link as link_module
@@ -257,6 +260,21 @@ def test_password_file_problems_are_clear_errors(tmp_path):
         ClusterLink(ClusterSettings(redis="redis://127.0.0.1:1/0", password_file=str(empty)))
     with pytest.raises(ValueError, match="cluster.redis"):
         ClusterLink(ClusterSettings(redis="http://127.0.0.1:1/0"))
+
+
+def test_a_unix_socket_url_reaches_the_same_room(make_link, tmp_path):
+    """cluster.redis: unix:///path?db=N, as for a Redis on the same host."""
+    short = Path(tempfile.mkdtemp(prefix="chatd-redis-"))  # sun_path holds 107 bytes
+    server = RedisServer(tmp_path / "unix-redis", unix_socket=short / "redis.sock")
+    try:
+        server.start()
+        a = make_link("a", url=f"unix://{short}/redis.sock?db=3")
+        b = make_link("b", url=f"redis://127.0.0.1:{server.port}/3")
+        a.link.publish("say", n="over the unix socket")
+        wait_for(lambda: said(b, "a") == ["over the unix socket"], what="the record over TCP")
+    finally:
+        server.stop()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_a_password_file_is_used_and_a_wrong_password_said_once(redis_server, tmp_path):
