@@ -8,11 +8,9 @@ without any clean-up (a node that died).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import select
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_for
-from redisproc import RedisServer, free_tcp_port
+from redisproc import RedisServer, TcpProxy
 from structlog.testing import capture_logs
 
 from chatd.cluster import link as link_module
@@ -102,82 +100,11 @@ def make_link(redis_server) -> Iterator[Callable[..., Inbox]]:
         t.join()
 
 
-class TcpProxy:
-    """A TCP relay between one link and Redis: cut() drops every connection and refuses
-    new ones (a node cut off from Redis), restore() accepts again on the same port."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.port = free_tcp_port()
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._running = False
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def restore(self) -> TcpProxy:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        self._running = True
-        self._thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
-        self._thread.start()
-        return self
-
-    def cut(self) -> None:
-        self._running = False
-        if self._thread is not None:
-            self._thread.join(5)
-        with self._lock:
-            for s in self._open:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self._open.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        try:
-            while self._running:
-                ready, _, _ = select.select([listener], [], [], 0.05)
-                if not ready:
-                    continue
-                client, _ = listener.accept()
-                try:
-                    upstream = socket.create_connection(("127.0.0.1", self.target_port), 5)
-                except OSError:
-                    client.close()
-                    continue
-                with self._lock:
-                    self._open += [client, upstream]
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-        finally:
-            listener.close()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.fixture
 def proxy(redis_server) -> Iterator[TcpProxy]:
-    relay = TcpProxy(redis_server.port).restore()
+    relay = TcpProxy(redis_server.port).start()
     yield relay
-    relay.cut()
+    relay.stop()
 
 
 def info(addr: str = "127.0.0.1:4000") -> NameInfo:
@@ -500,7 +427,7 @@ def test_nodes_whose_heartbeats_expired_in_one_redis_outage_do_not_reap_each_oth
     assert a.answer(1).granted and b.answer(2).granted
     redis_server.pause()
     try:
-        proxy.cut()
+        proxy.stop()
         a.disconnected()
         b.disconnected()
         time.sleep(2)  # the stall: longer than node_timeout, every heartbeat expires
@@ -508,7 +435,7 @@ def test_nodes_whose_heartbeats_expired_in_one_redis_outage_do_not_reap_each_oth
         redis_server.resume()
     a.connected(count=2)
     time.sleep(2)  # b reconnects later: a window in which a reaps every second
-    proxy.restore()
+    proxy.start()
     b.connected(count=2)
     a.publish("say", n="barrier")
     b.wait(lambda _: said(b, "a") == ["barrier"], "b: a record after both are back")
@@ -536,13 +463,13 @@ def test_names_released_and_claimed_again_while_cut_off_end_as_last_asked(make_l
     a.claim("ann", info(), 1)
     a.claim("amy", info(), 2)
     assert a.answer(1).granted and a.answer(2).granted
-    proxy.cut()
+    proxy.stop()
     a.disconnected()
     a.release("ann")
     a.claim("ann", info("127.0.0.1:7"), 3)  # logged in again meanwhile
     a.release("amy")
     assert a.answer(3).provisional
-    proxy.restore()
+    proxy.start()
     a.connected(count=2)
     wait_for(lambda: holders(redis_server) == {"ann": "a"}, what="ann a's again, amy free")
     assert holders(redis_server) == {"ann": "a"}
@@ -555,14 +482,14 @@ def test_a_link_cut_off_catches_up_on_reconnect(make_link, proxy):
     a = make_link("a")
     b = make_link("b", url=proxy.url)
     with capture_logs() as logs:
-        proxy.cut()
+        proxy.stop()
         b.disconnected()
         for i in range(40):
             a.publish("say", n=str(i))
             b.publish("say", n=str(i))  # queued while cut off
         wait_for(lambda: a.status()["published"] == 40, what="a: published")
         assert b.status()["outbox"] == 40
-        proxy.restore()
+        proxy.start()
         b.connected(count=2)
         b.wait(lambda _: len(said(b, "a")) >= 40, "b: a's records")
         a.wait(lambda _: len(said(a, "b")) >= 40, "a: b's records")
@@ -577,7 +504,7 @@ def test_a_link_cut_off_catches_up_on_reconnect(make_link, proxy):
 def test_a_name_taken_while_cut_off_is_lost_on_reconnect(make_link, proxy, redis_server):
     a = make_link("a", url=proxy.url)
     b = make_link("b")
-    proxy.cut()
+    proxy.stop()
     a.disconnected()
     began = time.perf_counter()
     a.claim("zed", info(), 1)
@@ -587,7 +514,7 @@ def test_a_name_taken_while_cut_off_is_lost_on_reconnect(make_link, proxy, redis
     assert a.answer(2) == ClaimAnswer(2, "yan", granted=True, provisional=True)
     b.claim("zed", info(), 3)
     assert b.answer(3).granted
-    proxy.restore()
+    proxy.start()
     a.wait(lambda values: any(isinstance(v, NameLost) for v in values), "a: NameLost")
     wait_for(lambda: holders(redis_server) == {"zed": "b", "yan": "a"}, what="yan asserted")
     assert a.of(NameLost) == [NameLost("zed", "b")]
@@ -599,11 +526,11 @@ def test_a_node_cut_off_longer_than_node_timeout_is_reaped_and_rejoins(make_link
     b = make_link("b", node_timeout=1)
     a.claim("ann", info(), 1)
     assert a.answer(1).granted
-    proxy.cut()
+    proxy.stop()
     b.wait(lambda _: b.remotes("node_gone"), "b: node_gone for a")
     assert json.loads(b.remotes("node_gone")[0].fields["names"]) == ["ann"]
     assert holders(redis_server) == {}
-    proxy.restore()
+    proxy.start()
     a.wait(lambda _: a.remotes("node_gone"), "a: the node_gone naming itself")
     assert a.remotes("node_gone")[0].fields["gone"] == "a"
     wait_for(lambda: holders(redis_server) == {"ann": "a"}, what="ann asserted again")
@@ -617,12 +544,12 @@ def test_entries_trimmed_while_cut_off_are_counted_as_a_gap(make_link, proxy, mo
     b = make_link("b", url=proxy.url)
     a.publish("say", n="first")
     b.wait(lambda _: said(b, "a") == ["first"], "b: the first record")
-    proxy.cut()
+    proxy.stop()
     b.disconnected()
     for i in range(500):
         a.publish("say", n=str(i))
     wait_for(lambda: a.status()["published"] == 501, what="a: published")
-    proxy.restore()
+    proxy.start()
     b.wait(lambda _: said(b, "a")[-1:] == ["499"], "b: the newest record")
     assert b.status()["gaps"] == 1
     assert len(said(b, "a")) < 501

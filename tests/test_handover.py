@@ -410,6 +410,8 @@ def test_a_cluster_node_restarted_by_handover_keeps_its_users_names_and_records(
     old = daemon.start()
     n2 = make_chatd({"cluster": {**cluster, "node": "n2"}, "plugins": plugins})
     alice = UdpUser(daemon.addr).join("alice")
+    # each join reaches the other node through Redis: wait, or bob would hear alice join
+    wait_for(lambda: "alice" in who(n2), timeout=20, interval=0.2, what="n2 to see alice")
     bob = UdpUser(n2.addr).join("bob")
     wait_for(lambda: set(who(daemon)) == {"alice", "bob"}, timeout=20, interval=0.2,
              what="n1 to see bob")

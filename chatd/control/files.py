@@ -24,7 +24,9 @@ log = structlog.get_logger("chatd")
 MAX_CONNECTIONS = 32
 
 
-def _socket_is_live(path: str) -> bool:
+def socket_is_live(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path`` (its file may
+    outlive a killed server: then it may be replaced, never while someone listens)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -83,7 +85,7 @@ def _bind_control_socket(path: str, mode: int, gid: int | None) -> socket.socket
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        if _socket_is_live(path):
+        if socket_is_live(path):
             raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -139,7 +141,7 @@ def _open_fifo(path: str, gid: int | None) -> int:
 
 def remove_stale_files(settings: ControlSettings) -> None:
     """Remove the socket and FIFO unless a live process serves that socket."""
-    if os.path.lexists(settings.socket) and _socket_is_live(settings.socket):
+    if os.path.lexists(settings.socket) and socket_is_live(settings.socket):
         return
     remove_files(settings)
 

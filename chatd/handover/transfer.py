@@ -35,6 +35,7 @@ import time
 from typing import Any, Final
 
 from chatd import safefs
+from chatd.control.files import socket_is_live
 from chatd.control.peers import peer_credentials
 
 #: Version of the exchange above; both ends must speak the same.
@@ -96,7 +97,7 @@ def listen(path: str) -> socket.socket:
                           f"({safefs.file_kind(st.st_mode)})")
         if st.st_uid not in allowed_uids():
             raise OSError(errno.EPERM, f"{path} belongs to {safefs.user_name(st.st_uid)}")
-        if _is_live(path):
+        if socket_is_live(path):
             raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -112,18 +113,6 @@ def listen(path: str) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
-
-
-def _is_live(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 # -- the connecting end (the new process) ----------------------------------------------
