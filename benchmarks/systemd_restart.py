@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -36,44 +35,34 @@ from common import new_report, output, progress, table
 from helpers import UdpUser, wait_for
 from sandbox import unavailable
 from test_systemd_real import (
-    CONFIG,
     PORT,
-    SOURCE_DIR,
     UNITS,
-    WHEEL_DIR,
     Conversation,
     Machine,
-    fetch_wheels,
-    forget_host_install,
     inner_python,
+    install_inside,
     message,
-    place_source,
 )
 
 INTERVAL = 0.02
 
 
 def boot(workdir: Path) -> Machine:
+    """The tests' sandbox with chatd installed by ``make install``; shut down on failure."""
     python = inner_python()
     if python is None:
         raise SystemExit("no system python3 with venv and ensurepip (python3-venv)")
-    wheels = workdir / "wheels"
-    wheels.mkdir()
-    fetch_wheels(wheels, python)
+    (workdir / "wheels").mkdir()
     (workdir / "sandbox").mkdir()
     machine = Machine(workdir / "sandbox")
-    root = machine.mount_root()
-    place_source(root)
-    shutil.copytree(wheels, root / WHEEL_DIR.lstrip("/"))
-    forget_host_install(root)
-    machine.boot()
-    installed = machine.run(
-        "env", "PIP_CONFIG_FILE=/dev/null", "PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEEL_DIR}",
-        "make", "--no-print-directory", "-C", SOURCE_DIR, "install", "PREFIX=/usr/local",
-        f"PYTHON={python}", timeout=300)
+    try:
+        installed = install_inside(machine, workdir / "wheels", python)
+    except BaseException:
+        machine.shutdown()
+        raise
     if installed.returncode != 0:
+        machine.shutdown()
         raise SystemExit(f"make install failed inside:\n{installed.stdout}{installed.stderr}")
-    machine.config_text = (root / CONFIG.lstrip("/")).read_text()
     return machine
 
 

@@ -229,12 +229,7 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
     except OSError as exc:
         raise StartError(f"cannot lock pidfile {settings.pidfile}: {exc.strerror}") from None
     try:
-        try:
-            if settings.log.file is not None and identity is not None and os.geteuid() == 0:
-                log_mod.prepare_log_file(settings.log.file, identity)
-            sink = log_mod.configure(settings.log)
-        except OSError as exc:
-            raise StartError(f"cannot open log.file {settings.log.file}: {exc.strerror}") from None
+        sink = _open_log(settings, identity)
         if pidfile.stale_pid is not None:
             log.warning("stale_pidfile_taken_over", pidfile=settings.pidfile,
                         old_pid=pidfile.stale_pid)
@@ -258,6 +253,16 @@ def prepare(settings: Settings, config_path: str | None, *, daemonize: bool) -> 
         raise
     return Prepared(settings, config_path, pidfile, sock, sink, identity, log_file_default,
                     metrics_sock=metrics_sock, inherited=inherited)
+
+
+def _open_log(settings: Settings, identity: tuple[int, int] | None) -> log_mod.Sink:
+    """Log to ``log.file`` (made ``daemon.user``'s first, as root), or to stderr."""
+    try:
+        if settings.log.file is not None and identity is not None and os.geteuid() == 0:
+            log_mod.prepare_log_file(settings.log.file, identity)
+        return log_mod.configure(settings.log)
+    except OSError as exc:
+        raise StartError(f"cannot open log.file {settings.log.file}: {exc.strerror}") from None
 
 
 def _bind_metrics(settings: Settings, udp: socket.socket | None) -> socket.socket | None:
@@ -661,12 +666,7 @@ def _prepare_takeover(settings: Settings, config_path: str | None) -> Prepared:
         settings = replace(settings, log=replace(settings.log, file=log_file_default))
     identity = preflight(settings)
     _make_runtime_dir(settings, identity, resolve_control_group(settings))
-    try:
-        if settings.log.file is not None and identity is not None and os.geteuid() == 0:
-            log_mod.prepare_log_file(settings.log.file, identity)
-        sink = log_mod.configure(settings.log)
-    except OSError as exc:
-        raise StartError(f"cannot open log.file {settings.log.file}: {exc.strerror}") from None
+    sink = _open_log(settings, identity)
     return Prepared(settings, config_path, PidFile(settings.pidfile), None, sink, identity,
                     log_file_default)
 

@@ -129,27 +129,35 @@ def forget_host_install(root: Path) -> None:
                 (root / directory / unit).unlink()
 
 
+def install_inside(machine: Machine, wheels: Path, python: str) -> subprocess.CompletedProcess:
+    """Boot ``machine`` with this tree in it and run ``make install`` there, from wheels
+    fetched on the host (the sandbox has no network); on success the installed config's
+    text is kept as ``machine.config_text``. The caller shuts the machine down."""
+    fetch_wheels(wheels, python)
+    root = machine.mount_root()
+    place_source(root)
+    shutil.copytree(wheels, root / WHEEL_DIR.lstrip("/"))
+    forget_host_install(root)
+    machine.boot()
+    installed = machine.run(
+        "env", "PIP_CONFIG_FILE=/dev/null", "PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEEL_DIR}",
+        "make", "--no-print-directory", "-C", SOURCE_DIR, "install", "PREFIX=/usr/local",
+        f"PYTHON={python}", timeout=300)
+    if installed.returncode == 0:
+        machine.config_text = (root / CONFIG.lstrip("/")).read_text()
+    return installed
+
+
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     python = inner_python()
     if python is None:
         pytest.skip("no system python3 with venv and ensurepip (Debian package python3-venv)")
-    wheels = tmp_path_factory.mktemp("wheels")
-    fetch_wheels(wheels, python)
     sandbox = Machine(tmp_path_factory.mktemp("sandbox"))
     try:
-        root = sandbox.mount_root()
-        place_source(root)
-        shutil.copytree(wheels, root / WHEEL_DIR.lstrip("/"))
-        forget_host_install(root)
-        sandbox.boot()
-        installed = sandbox.run(
-            "env", "PIP_CONFIG_FILE=/dev/null", "PIP_NO_INDEX=1", f"PIP_FIND_LINKS={WHEEL_DIR}",
-            "make", "--no-print-directory", "-C", SOURCE_DIR, "install", "PREFIX=/usr/local",
-            f"PYTHON={python}", timeout=300)
+        installed = install_inside(sandbox, tmp_path_factory.mktemp("wheels"), python)
         assert installed.returncode == 0, installed.stdout + installed.stderr
         sandbox.install_output = installed.stdout
-        sandbox.config_text = (root / CONFIG.lstrip("/")).read_text()
         yield sandbox
     finally:
         sandbox.shutdown()
