@@ -15,6 +15,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import select
 import signal
@@ -111,8 +112,8 @@ class FdStore:
 class Service:
     """``chatd run`` processes as systemd starts them for one unit: the store's fds passed."""
 
-    def __init__(self, directory: Path, store: FdStore) -> None:
-        self.config = write_config(directory)
+    def __init__(self, directory: Path, store: FdStore, overrides: dict | None = None) -> None:
+        self.config = write_config(directory, overrides)
         self.log = directory / "chatd.log"
         self.store = store
         self.procs: list[subprocess.Popen] = []
@@ -440,6 +441,42 @@ def test_restart_through_the_fd_store_keeps_everyone(service: Service, store: Fd
     assert new.pid != old.pid
     for user in (alice, bob):
         user.close()
+
+
+def chatctl_who(config: Path) -> list[str]:
+    result = subprocess.run([sys.executable, "-m", "chatd.cli.chatctl", "-c", str(config),
+                             "who", "--json"],
+                            capture_output=True, text=True, timeout=30)
+    return [user["name"] for user in json.loads(result.stdout or "[]")]
+
+
+def test_a_cluster_node_restarted_through_the_fd_store_keeps_its_users_and_names(
+        tmp_path: Path, store: FdStore, redis_server, make_chatd) -> None:
+    """`systemctl restart chatd@n1`: alice stays n1's (refused on n2), a line bob says on
+    n2 meanwhile reaches her once, and n2 never hears her leave or join."""
+    cluster = {"redis": redis_server.url, "node_timeout": 10}
+    n1 = Service(tmp_path, store, {"cluster": {**cluster, "node": "n1"}})
+    n2 = make_chatd({"cluster": {**cluster, "node": "n2"}})
+    try:
+        old = n1.start()
+        alice = UdpUser(("127.0.0.1", n1.port)).join("alice")
+        wait_for(lambda: "alice" in chatctl_who(n2.config), timeout=20, interval=0.2,
+                 what="n2 to know alice")  # else bob could hear her join, through Redis
+        bob = UdpUser(n2.addr).join("bob")
+        assert alice.recv_text(20) == "\nbob joined the room"
+        old.send_signal(fdstore.HANDOVER_SIGNAL)
+        assert old.wait(30) == 0
+        bob.say("said while n1 restarted")
+        n1.start()
+        assert alice.recv_text(20) == "\nbob says: said while n1 restarted"
+        alice.say("back")
+        assert bob.recv_text(20) == "\nalice says: back"
+        alice.expect_nothing()  # the line came once
+        bob.expect_nothing()  # no leave, no join
+        assert UdpUser(n2.addr).login("alice") == b"\nthe name alice is already taken"
+        assert n1.events("handover_done")[-1]["sessions"] == 1
+    finally:
+        n1.stop_all()
 
 
 def test_restart_with_a_socket_unit_stores_only_the_state(
