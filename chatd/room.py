@@ -474,10 +474,13 @@ class Room:
         return self._take()
 
     def remote_say(self, name: str, text: str) -> Step:
-        """A chat line spoken on another node, told with this node's template."""
+        """A chat line spoken on another node, told with this node's template; plugins
+        hear it as said (``chatd_said``: ``history`` replays the whole room's lines)."""
+        text = neutralise(text)
         if self._by_addr:
-            payload = self._fit(self._render("chat", name=name, text=neutralise(text)))
+            payload = self._fit(self._render("chat", name=name, text=text))
             self._out.append(Delivery(payload, list(self._by_addr)))
+        self.hooks.said(name, text)
         return self._take()
 
     def remote_admin(self, text: str) -> Step:

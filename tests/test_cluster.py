@@ -377,3 +377,16 @@ def test_a_node_serves_its_own_users_while_redis_is_unreachable(make_chatd, clie
     status = chatctl_json(n1, "status")["cluster"]
     assert status["redis_connected"] is False
     assert "NOT CONNECTED" in chatctl(n1, "status").stdout
+
+
+def test_history_replays_lines_said_on_every_node(nodes, clients):
+    n1, n2 = nodes(2, plugins={"ratelimit": False, "history": {"size": 3}})
+    alice, bob = join_all(clients, [n1, n2], ["alice", "bob"])
+    alice.say("from n1")
+    expect_line(bob, "\nalice says: from n1")
+    bob.say("from n2")
+    expect_line(alice, "\nbob says: from n2")
+    carol = clients(n1)
+    assert carol.login("carol", verify=True) == b"OK"
+    assert [carol.recv_text(timeout=SLOW) for _ in range(2)] == [
+        "\nalice says: from n1", "\nbob says: from n2"]

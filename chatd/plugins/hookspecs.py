@@ -142,7 +142,13 @@ def chatd_command(name: str, command: str, args: str) -> Literal[True] | None:
 
 @hookspec
 def chatd_said(name: str, text: str) -> None:
-    """A chat line went out to the room, as it was finally sent (after rewrites)."""
+    """A chat line went out to the room, as it was finally sent (after rewrites).
+
+    In a cluster it is called on every node for every line of the room, the
+    lines of other nodes' users too (so that ``history`` replays the whole room):
+    a plugin that answers lines should answer its own node's speakers only
+    (``room.user(name).node`` is None for them).
+    """
 
 
 @hookspec
