@@ -9,6 +9,7 @@ without any clean-up (a node that died).
 from __future__ import annotations
 
 import json
+import os
 import select
 import shutil
 import tempfile
@@ -189,6 +190,21 @@ def test_password_file_problems_are_clear_errors(tmp_path):
         ClusterLink(ClusterSettings(redis="redis://127.0.0.1:1/0", password_file=str(empty)))
     with pytest.raises(ValueError, match="cluster.redis"):
         ClusterLink(ClusterSettings(redis="http://127.0.0.1:1/0"))
+
+
+def test_a_fifo_or_a_huge_file_as_password_file_is_refused_at_once(tmp_path):
+    """A careless admin's password_file: a FIFO (open() would wait for a writer forever,
+    and the node would never become ready) or a file far too large to be a password."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    began = time.monotonic()
+    with pytest.raises(ValueError, match="is a FIFO, not a file"):
+        ClusterLink(ClusterSettings(redis="redis://127.0.0.1:1/0", password_file=str(fifo)))
+    assert time.monotonic() - began < 2
+    huge = tmp_path / "huge"
+    huge.write_bytes(b"x" * (1 << 20))
+    with pytest.raises(ValueError, match="too large"):
+        ClusterLink(ClusterSettings(redis="redis://127.0.0.1:1/0", password_file=str(huge)))
 
 
 def test_a_unix_socket_url_reaches_the_same_room(make_link, tmp_path):

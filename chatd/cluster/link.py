@@ -55,6 +55,7 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from chatd import safefs
 from chatd.cluster import scripts
 from chatd.cluster.records import (
     RESERVED_FIELDS,
@@ -145,11 +146,21 @@ class _Counters:
     nodes: dict[str, dict[str, bool]] = field(default_factory=dict)
 
 
+#: Longest password file read: a password is a line, and a huge file is a mistake.
+PASSWORD_FILE_LIMIT = 4096
+
+
 def read_password_file(path: str) -> str:
-    """The password in ``cluster.password_file``: its first line."""
+    """The password in ``cluster.password_file``: its first line. A FIFO named by mistake
+    is refused at once, never waited on, and so is a file too large to be one."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(4096)
+        data = safefs.read_regular_file(path, PASSWORD_FILE_LIMIT)
+        text = data.decode("utf-8")
+    except safefs.NotRegularFile as e:
+        raise ValueError(f"cluster.password_file: {path} is {e.kind}, not a file") from e
+    except safefs.FileTooLarge as e:
+        raise ValueError(f"cluster.password_file: {path} is too large ({e.size} bytes; "
+                         f"a password file has one line of at most {PASSWORD_FILE_LIMIT})") from e
     except OSError as e:
         raise ValueError(f"cluster.password_file: cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:
