@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from yaml.composer import Composer
@@ -139,8 +140,38 @@ def _redis_url(value: Any) -> str:
     scheme = value.partition("://")[0]
     if scheme not in ("redis", "rediss", "unix") or "://" not in value:
         raise ValueError("expected a URL such as redis://127.0.0.1:6379/0 or "
-                         f"unix:///run/redis/redis.sock, got {value!r}")
+                         f"unix:///run/redis/redis.sock, got {hide_password(value)!r}")
     return value
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***`` (in the user part or a
+    ``password=`` parameter): what check-config, reload's answer and errors may print,
+    which end up in terminals, journals and tickets."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a URL that cannot be parsed>"
+    hidden = url
+    user, at, host = parts.netloc.rpartition("@")
+    if at:
+        name, colon, _ = user.partition(":")
+        hidden = hidden.replace(parts.netloc, f"{name}:***@{host}" if colon else f"***@{host}", 1)
+    fields = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "password" for key, _ in fields):
+        query = "&".join(f"{key}={'***' if key == 'password' else value}" for key, value in fields)
+        hidden = hidden.replace(f"?{parts.query}", f"?{query}", 1)
+    return hidden
+
+
+#: Keys whose value may carry a secret: shown through their function, never as they are.
+SECRET_KEYS: Mapping[str, Callable[[str], str]] = {"cluster.redis": hide_password}
+
+
+def shown(key: str, value: Any) -> Any:
+    """A setting as it may be printed or logged (see :data:`SECRET_KEYS`)."""
+    hide = SECRET_KEYS.get(key)
+    return hide(value) if hide is not None and isinstance(value, str) else value
 
 
 def _host_port(value: Any) -> str:
@@ -639,8 +670,8 @@ def reload_changes(old: Settings, new: Settings) -> dict[str, Any]:
         else:
             applied.append(key)
     return {"applied": applied,
-            "restart_needed": [{"key": k, "kept": flat_old[k], "wanted": flat_new[k]}
-                               for k in restart]}
+            "restart_needed": [{"key": k, "kept": shown(k, flat_old[k]),
+                                "wanted": shown(k, flat_new[k])} for k in restart]}
 
 
 def format_value(key: str, value: Any) -> str:

@@ -452,3 +452,24 @@ def test_a_reload_keeps_exactly_the_restart_only_keys(tmp_path, monkeypatch):
     assert (merged.listen, merged.daemon, merged.runtime_dir) == (
         old.listen, new.daemon, new.runtime_dir)
     assert config.restart_only_changes(old, new) == ["listen.port", "room.max_users"]
+
+
+def test_a_redis_password_is_never_printed(tmp_path):
+    """check-config runs as ExecStartPre= (its output goes to the journal), reload answers
+    whoever asked and is logged, and an error is pasted into tickets: none shows it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster:\n  redis: redis://app:s3cret@127.0.0.1:6379/0?password=s3cret\n")
+    shown = subprocess.run([sys.executable, "-m", "chatd", "check-config", "-c", str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "redis: redis://app:***@127.0.0.1:6379/0?password=***" in shown.stdout
+    assert "s3cret" not in shown.stdout + shown.stderr
+    path.write_text("cluster:\n  redis: http://:s3cret@127.0.0.1/0\n")
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(str(path))
+    assert "s3cret" not in str(refused.value) and ":***@" in str(refused.value)
+    old = config.load(None)
+    path.write_text("cluster:\n  redis: unix:///run/redis.sock?password=s3cret\n")
+    changes = config.reload_changes(old, config.load(str(path)))
+    assert changes["restart_needed"][0]["wanted"] == "unix:///run/redis.sock?password=***"
+    assert "s3cret" not in config.describe_reload(changes)

@@ -76,6 +76,7 @@ def effective_yaml(settings: config_mod.Settings) -> str:
     """The settings as a YAML file that ``-c`` would accept, every key spelled out."""
     nested: dict = {}
     for key, value in config_mod.as_flat_dict(settings).items():
+        value = config_mod.shown(key, value)
         if key in config_mod.OCTAL_KEYS:
             value = _Octal(value)
         section, _, name = key.partition(".")
