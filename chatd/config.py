@@ -27,6 +27,7 @@ from yaml.events import AliasEvent
 from yaml.resolver import Resolver
 
 from chatd import safefs
+from chatd.names import MAX_NAME_LENGTH
 from chatd.settings import (
     ClusterSettings,
     ControlSettings,
@@ -235,7 +236,7 @@ SCHEMA: Mapping[str, Callable[[Any], Any]] = {
     "room.locale": _choice(*LOCALES),
     "room.admin_name": _optional(_text),
     "room.max_users": _int(1, 1_000_000),
-    "room.max_name_length": _int(1, 256),
+    "room.max_name_length": _int(1, MAX_NAME_LENGTH),
     "room.max_datagram": _int(64, 65507),
     "room.session_timeout": _number(1, 86400 * 365),
     "room.max_sessions_per_ip": _int(0, 1_000_000),

@@ -17,6 +17,10 @@ from chatd.skeleton import skeleton
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
+#: The longest name any node may allow (the bound of ``room.max_name_length``).
+MAX_NAME_LENGTH = 256
+
+
 def name_key(name: str) -> str:
     """The form under which names are compared."""
     return unicodedata.normalize("NFKC", name).casefold()

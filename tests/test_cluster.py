@@ -390,3 +390,40 @@ def test_history_replays_lines_said_on_every_node(nodes, clients):
     assert carol.login("carol", verify=True) == b"OK"
     assert [carol.recv_text(timeout=SLOW) for _ in range(2)] == [
         "\nalice says: from n1", "\nbob says: from n2"]
+
+
+def test_records_no_node_would_write_cannot_stop_or_fool_a_node(nodes, clients, redis_server):
+    """Whoever can write into the room's stream (a buggy node of another version, a
+    stranger with Redis access) sends records with fields missing, JSON that is not JSON
+    or nested 100,000 deep, a megabyte of text, control characters, names no login would
+    allow: the node serves on, its users see no forged line, and the log stays bounded."""
+    (n1,) = nodes(1)
+    alice = clients(n1).join("alice")
+    stream = "chatd:{main}:stream"
+    junk = [
+        {"kind": "say"},  # no name, no text
+        {"kind": "say", "name": "mallory"},  # no text
+        {"kind": "node_gone", "gone": "n9", "names": "not json"},
+        {"kind": "broadcast", "text": "x", "exclude": "[" * 100_000},
+        {"kind": "join", "name": "admin says:\nhi", "addr": "1.2.3.4:5"},
+        {"kind": "say", "name": "evil\u202e", "text": "reversed"},
+        {"kind": "say", "name": "m" * 300, "text": "too long a name"},
+        {"kind": "no such kind"},
+    ]
+    client = redis_server.client()
+    for seq, fields in enumerate(junk * 50, start=1):
+        client.xadd(stream, {"node": "n9", "inc": "x", "seq": str(seq), **fields})
+    client.xadd(stream, {"node": "n9", "inc": "x", "seq": "1000", "kind": "say",
+                         "name": "mallory", "text": "a bell \x07 and\nnewline " + "y" * 1_000_000})
+    client.xadd(stream, {"node": "n9", "inc": "x", "seq": "1001", "kind": "say",
+                         "name": "mallory", "text": "still heard"})
+    seen = []
+    while "still heard" not in "".join(seen):
+        seen.append(alice.recv_text(timeout=SLOW))
+    assert alice.ping() == b"PONG"
+    long_line = next(t for t in seen if t.startswith("\nmallory says: a bell"))
+    assert "\\x07" in long_line and "\\x0a" in long_line and len(long_line.encode()) <= 1024
+    assert not [t for t in seen if "admin says" in t or "evil" in t or "reversed" in t
+                or "too long a name" in t]
+    refused = [e for e in n1.log_events() if e["event"].startswith("cluster_record_")]
+    assert refused and len(refused) < 100  # 400 bad records: logged at a bounded rate

@@ -39,6 +39,7 @@ from chatd.cluster.records import (
 )
 from chatd.events import ClaimWanted, Event, NameReleased, Relay, Step
 from chatd.formats import format_addr, iso_time
+from chatd.names import MAX_NAME_LENGTH, name_problem
 from chatd.server import Server
 from chatd.services import Service
 from chatd.settings import ClusterSettings
@@ -74,7 +75,8 @@ class ClusterBridge(Service):
             "kick": self._on_kick, "adopt": self._on_adopt, "node_gone": self._on_node_gone,
         }
         self._logs = log_mod.BoundedLog(log, {"cluster_record_failed": "exception",
-                                              "cluster_record_unknown": "warning"})
+                                              "cluster_record_unknown": "warning",
+                                              "cluster_record_refused": "warning"})
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -193,6 +195,11 @@ class ClusterBridge(Service):
             if handler is None:
                 self._logs("cluster_record_unknown", kind=item.kind, node=item.node)
                 return
+            problem = _name_problem(item)
+            if problem is not None:
+                self._logs("cluster_record_refused", kind=item.kind, node=item.node,
+                           problem=problem)
+                return
             step = handler(item)
             if step is not None:
                 self.apply(step)
@@ -263,3 +270,14 @@ class ClusterBridge(Service):
         if gone == self.node:  # we were cut off too long and reaped: say who is here again
             self._tell_again(quiet=False)
         return step
+
+
+def _name_problem(record: Remote) -> str | None:
+    """What is wrong with a record's user name, if it has one: a name no node would have
+    let log in (whitespace, controls, too long) never reaches this node's users, whoever
+    wrote the record into Redis."""
+    name = record.fields.get("name")
+    if name is None:
+        return None
+    problem = name_problem(name, MAX_NAME_LENGTH)
+    return None if problem is None else f"name {name[:40]!r}: {problem}"
