@@ -50,6 +50,7 @@ import structlog
 
 from chatd import log as log_mod
 from chatd import metrics
+from chatd.control.channel import recv_ready
 from chatd.formats import format_addr
 
 log = structlog.get_logger("chatd")
@@ -201,12 +202,9 @@ class MetricsEndpoint:
             return
         if conn.waiting or conn.answering:  # one request per connection: the rest is unread
             return
-        try:
-            data = conn.sock.recv(MAX_REQUEST_HEAD + 1 - len(conn.head))
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(conn.sock, MAX_REQUEST_HEAD + 1 - len(conn.head))
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close(conn)
             return
@@ -324,12 +322,9 @@ class MetricsEndpoint:
             self.selector.register(conn.sock, selectors.EVENT_READ, self._on_connection)
 
     def _linger(self, conn: _Connection) -> None:
-        try:
-            data = conn.sock.recv(min(conn.lingering, 16384))
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(conn.sock, min(conn.lingering, 16384))
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.lingering -= len(data)
         if not data or conn.lingering <= 0:
             self._close(conn)

@@ -23,6 +23,17 @@ MAX_REQUEST = 64 * 1024
 MAX_DEPTH = 32
 
 
+
+def recv_ready(sock: socket.socket, size: int) -> bytes | None:
+    """One ``recv`` on a non-blocking socket: None when it has nothing now, ``b""`` when
+    the peer closed or the connection failed (either way it is over), else the bytes."""
+    try:
+        return sock.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
 class LineBuffer:
     """Cuts a byte stream into lines of at most ``limit`` bytes (None: any length).
 

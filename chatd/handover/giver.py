@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from chatd import log as log_mod
+from chatd.control.channel import recv_ready
 from chatd.handover import state, transfer
 from chatd.handover.transfer import HandoverError
 from chatd.pidfile import PidFile
@@ -128,12 +129,9 @@ class HandoverService(Service):
         self.server.watch(conn, selectors.EVENT_READ, lambda mask: self._read(pending))
 
     def _read(self, pending: _Pending) -> None:
-        try:
-            data = pending.conn.recv(transfer.MAX_FRAME + 4 - len(pending.data))
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(pending.conn, transfer.MAX_FRAME + 4 - len(pending.data))
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._drop(pending)
             return

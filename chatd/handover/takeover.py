@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from chatd import pidfile as pidfile_mod
+from chatd.control.channel import recv_ready
 from chatd.handover import state, transfer
 from chatd.handover.transfer import HandoverError
 from chatd.pidfile import PidFile
@@ -146,12 +147,9 @@ class Successor(Service):
         self.server.watch(self.conn, selectors.EVENT_READ, self._readable)
 
     def _readable(self, mask: int) -> None:
-        try:
-            data = self.conn.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(self.conn, 4096)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the old process has exited
             self._done()
 
